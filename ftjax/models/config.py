@@ -1,0 +1,73 @@
+"""ModelConfig: the one hashable description every model family is built from.
+
+It is a frozen dataclass so that it can be a `flax.linen` module attribute and a
+static argument of jitted functions. Family-specific fields are simply unused by
+the other families; `hf.py` translates to and from Hugging Face `config.json`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+LLAMA_FAMILY = ("llama", "mistral", "qwen2", "qwen3")
+SUPPORTED_MODEL_TYPES = LLAMA_FAMILY + ("gpt2",)
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    model_type: str = "llama"
+    vocab_size: int = 256
+    hidden_size: int = 64
+    intermediate_size: int = 128
+    num_layers: int = 2
+    num_heads: int = 4
+    num_kv_heads: int = 4
+    head_dim: int | None = None
+    max_position_embeddings: int = 2048
+    norm_eps: float = 1e-6
+    hidden_act: str = "silu"
+    tie_word_embeddings: bool = False
+    # Llama family.
+    rope_theta: float = 10000.0
+    # Hashable form of HF's rope_scaling dict: tuple of (key, value) pairs, or None.
+    rope_scaling: tuple[tuple[str, Any], ...] | None = None
+    attention_bias: bool = False  # bias on q/k/v (Qwen2 sets it) ...
+    o_proj_bias: bool = False  # ... and on the output projection (Llama's attention_bias)
+    mlp_bias: bool = False
+    qk_norm: bool = False  # Qwen3: RMSNorm over head_dim on queries and keys
+    sliding_window: int | None = None  # Mistral
+    # Execution options (not part of the checkpoint).
+    dtype: str = "float32"  # compute dtype
+    param_dtype: str = "float32"
+    scan_layers: bool = False
+    remat: bool = False
+
+    def __post_init__(self):
+        if self.model_type not in SUPPORTED_MODEL_TYPES:
+            raise ValueError(
+                f"unsupported model_type {self.model_type!r}; supported: "
+                f"{', '.join(SUPPORTED_MODEL_TYPES)}"
+            )
+        if self.num_heads % self.num_kv_heads:
+            raise ValueError(
+                f"num_heads={self.num_heads} must be a multiple of num_kv_heads={self.num_kv_heads}"
+            )
+
+    @property
+    def head_size(self) -> int:
+        return self.head_dim or self.hidden_size // self.num_heads
+
+    @property
+    def rope_scaling_dict(self) -> dict[str, Any] | None:
+        return dict(self.rope_scaling) if self.rope_scaling else None
+
+    def replace(self, **changes) -> ModelConfig:
+        return dataclasses.replace(self, **changes)
+
+
+def freeze_rope_scaling(rope_scaling: dict | None) -> tuple | None:
+    """Turns HF's rope_scaling dict into the hashable tuple ModelConfig stores."""
+    if not rope_scaling:
+        return None
+    return tuple(sorted((k, v) for k, v in rope_scaling.items() if not isinstance(v, (list, dict))))

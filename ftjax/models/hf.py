@@ -1,0 +1,364 @@
+"""Hugging Face checkpoints <-> ftjax: config.json <-> ModelConfig and
+safetensors <-> params, with no torch needed.
+
+The mapping is a rename: flax path `model/layers_3/self_attn/q_proj/kernel` is
+HF key `model.layers.3.self_attn.q_proj.weight` (transposed: torch Linear stores
+(out, in)); `scale` is `weight`; GPT-2's Conv1D weights are already (in, out).
+Pickle checkpoints (`pytorch_model.bin`) are refused: unpickling runs code.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from ftjax.models import layers, safetensors_io
+from ftjax.models.config import SUPPORTED_MODEL_TYPES, ModelConfig, freeze_rope_scaling
+from ftjax.models.registry import build_model, layers_prefix
+
+log = logging.getLogger(__name__)
+
+WEIGHTS_NAME = "model.safetensors"
+INDEX_NAME = "model.safetensors.index.json"
+PICKLE_NAMES = ("pytorch_model.bin", "pytorch_model.bin.index.json", "model.pt", "model.ckpt")
+# Buffers some checkpoints carry that are not parameters.
+_IGNORED_KEYS = re.compile(r"(rotary_emb\.inv_freq|attn\.bias|attn\.masked_bias)$")
+
+
+_HUB_ID = re.compile(r"[\w.-]+(/[\w.-]+)?")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be loaded; the message is one line naming the file."""
+
+
+# ----------------------------------------------------------------------------- configs
+
+
+def config_from_hf(hf: dict, source: str = "config.json", **options) -> ModelConfig:
+    """ModelConfig from a config.json dict; `options` set dtype, scan_layers, ..."""
+    model_type = hf.get("model_type")
+    if model_type not in SUPPORTED_MODEL_TYPES:
+        raise CheckpointError(
+            f"{source}: unsupported model_type {model_type!r}; supported: "
+            f"{', '.join(SUPPORTED_MODEL_TYPES)}"
+        )
+    try:
+        if model_type == "gpt2":
+            d = hf["n_embd"]
+            fields = dict(
+                vocab_size=hf["vocab_size"],
+                hidden_size=d,
+                intermediate_size=hf.get("n_inner") or 4 * d,
+                num_layers=hf["n_layer"],
+                num_heads=hf["n_head"],
+                num_kv_heads=hf["n_head"],
+                max_position_embeddings=hf["n_positions"],
+                norm_eps=hf.get("layer_norm_epsilon", 1e-5),
+                hidden_act=hf.get("activation_function", "gelu_new"),
+                tie_word_embeddings=True,
+            )
+        else:
+            rope = dict(hf.get("rope_parameters") or hf.get("rope_scaling") or {})
+            theta = rope.pop("rope_theta", hf.get("rope_theta", 10000.0))
+            if rope.get("rope_type", rope.get("type", "default")) == "default":
+                rope = {}
+            window = hf.get("sliding_window")
+            if model_type in ("qwen2", "qwen3") and not hf.get("use_sliding_window", False):
+                window = None
+            fields = dict(
+                vocab_size=hf["vocab_size"],
+                hidden_size=hf["hidden_size"],
+                intermediate_size=hf["intermediate_size"],
+                num_layers=hf["num_hidden_layers"],
+                num_heads=hf["num_attention_heads"],
+                num_kv_heads=hf.get("num_key_value_heads") or hf["num_attention_heads"],
+                head_dim=hf.get("head_dim"),
+                max_position_embeddings=hf.get("max_position_embeddings", 2048),
+                norm_eps=hf.get("rms_norm_eps", 1e-6),
+                hidden_act=hf.get("hidden_act", "silu"),
+                tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
+                rope_theta=float(theta),
+                rope_scaling=freeze_rope_scaling(rope),
+                attention_bias=model_type == "qwen2" or bool(hf.get("attention_bias", False)),
+                o_proj_bias=model_type != "qwen2" and bool(hf.get("attention_bias", False)),
+                mlp_bias=bool(hf.get("mlp_bias", False)),
+                qk_norm=model_type == "qwen3",
+                sliding_window=window,
+            )
+    except KeyError as e:
+        raise CheckpointError(f"{source}: missing field {e.args[0]!r} for {model_type}") from None
+    return ModelConfig(model_type=model_type, **fields, **options)
+
+
+def config_to_hf(cfg: ModelConfig) -> dict:
+    """The config.json dict that `transformers.AutoConfig` reads back to `cfg`."""
+    if cfg.model_type == "gpt2":
+        return dict(
+            model_type="gpt2",
+            architectures=["GPT2LMHeadModel"],
+            vocab_size=cfg.vocab_size,
+            n_embd=cfg.hidden_size,
+            n_inner=cfg.intermediate_size,
+            n_layer=cfg.num_layers,
+            n_head=cfg.num_heads,
+            n_positions=cfg.max_position_embeddings,
+            layer_norm_epsilon=cfg.norm_eps,
+            activation_function=cfg.hidden_act,
+            tie_word_embeddings=True,
+        )
+    arch = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM"}.get(
+        cfg.model_type, cfg.model_type.capitalize() + "ForCausalLM"
+    )
+    rope = {"rope_type": "default", **(cfg.rope_scaling_dict or {}), "rope_theta": cfg.rope_theta}
+    out = dict(
+        model_type=cfg.model_type,
+        architectures=[arch],
+        vocab_size=cfg.vocab_size,
+        hidden_size=cfg.hidden_size,
+        intermediate_size=cfg.intermediate_size,
+        num_hidden_layers=cfg.num_layers,
+        num_attention_heads=cfg.num_heads,
+        num_key_value_heads=cfg.num_kv_heads,
+        head_dim=cfg.head_size,
+        max_position_embeddings=cfg.max_position_embeddings,
+        rms_norm_eps=cfg.norm_eps,
+        hidden_act=cfg.hidden_act,
+        tie_word_embeddings=cfg.tie_word_embeddings,
+        rope_theta=cfg.rope_theta,
+        rope_parameters=rope,
+        rope_scaling=None if rope["rope_type"] == "default" else rope,
+        sliding_window=cfg.sliding_window,
+    )
+    if cfg.model_type in ("llama", "mistral"):
+        out.update(attention_bias=cfg.o_proj_bias, mlp_bias=cfg.mlp_bias)
+    if cfg.model_type in ("qwen2", "qwen3"):
+        out["use_sliding_window"] = cfg.sliding_window is not None
+    if cfg.model_type == "qwen3":
+        out["attention_bias"] = cfg.attention_bias
+    return out
+
+
+# ----------------------------------------------------------------------------- names
+
+
+def hf_name(cfg: ModelConfig, path: tuple[str, ...]) -> tuple[str, bool]:
+    """(HF tensor name, whether the tensor is transposed) for an unscanned flax path."""
+    container, layer = layers_prefix(cfg)
+    parts = []
+    for p in path[:-1]:
+        m = re.fullmatch(rf"{layer}_(\d+)", p)
+        parts.extend([layer, m.group(1)] if m else [p])
+    leaf = path[-1]
+    parts.append("bias" if leaf == "bias" else "weight")
+    transpose = leaf == "kernel" and cfg.model_type != "gpt2"
+    del container
+    return ".".join(parts), transpose
+
+
+def abstract_params(cfg: ModelConfig):
+    """Shapes and dtypes of the params, without allocating them."""
+    model = build_model(cfg)
+    ids = jnp.zeros((1, 1), jnp.int32)
+    return jax.eval_shape(lambda: model.init(jax.random.key(0), ids))["params"]
+
+
+def _flatten(tree, prefix=()):
+    if isinstance(tree, dict):
+        for k, v in tree.items():
+            yield from _flatten(v, prefix + (k,))
+    else:
+        yield prefix, tree
+
+
+def _unflatten(flat: dict) -> dict:
+    out: dict = {}
+    for path, v in flat.items():
+        node = out
+        for p in path[:-1]:
+            node = node.setdefault(p, {})
+        node[path[-1]] = v
+    return out
+
+
+def stack_layers(cfg: ModelConfig, params: dict) -> dict:
+    """Unscanned params -> scanned: layer i's leaves become row i of one stack."""
+    container, layer = layers_prefix(cfg)
+    inner = dict(params[container])
+    per_layer = [inner.pop(f"{layer}_{i}") for i in range(cfg.num_layers)]
+    inner[layer] = jax.tree.map(lambda *xs: jnp.stack(xs), *per_layer)
+    return {**params, container: inner}
+
+
+def unstack_layers(cfg: ModelConfig, params: dict) -> dict:
+    container, layer = layers_prefix(cfg)
+    if layer not in params[container]:
+        return params
+    inner = dict(params[container])
+    stacked = inner.pop(layer)
+    for i in range(cfg.num_layers):
+        inner[f"{layer}_{i}"] = jax.tree.map(lambda x, i=i: x[i], stacked)
+    return {**params, container: inner}
+
+
+# ----------------------------------------------------------------------------- tensors
+
+
+def params_from_tensors(cfg: ModelConfig, tensors: dict, source: str) -> dict:
+    """Builds the params tree from HF-named tensors, checking every shape."""
+    flat_cfg = cfg.replace(scan_layers=False)
+    expected = dict(_flatten(abstract_params(flat_cfg)))
+    # GPT-2 checkpoints exist both with and without the `transformer.` prefix.
+    if cfg.model_type == "gpt2" and not any(k.startswith("transformer.") for k in tensors):
+        tensors = {f"transformer.{k}": v for k, v in tensors.items()}
+    used = set()
+    flat = {}
+    dtype = jnp.dtype(cfg.param_dtype)
+    for path, spec in expected.items():
+        name, transpose = hf_name(flat_cfg, path)
+        if name not in tensors:
+            raise CheckpointError(
+                f"{source}: missing tensor {name!r} (expected shape {spec.shape})"
+            )
+        arr = tensors[name]
+        shape = tuple(arr.shape[::-1]) if transpose else tuple(arr.shape)
+        if shape != tuple(spec.shape):
+            want = spec.shape[::-1] if transpose else spec.shape
+            raise CheckpointError(
+                f"{source}: tensor {name!r} has shape {tuple(arr.shape)}, but config.json "
+                f"implies {tuple(want)}"
+            )
+        arr = np.asarray(arr)
+        flat[path] = jnp.asarray(arr.T if transpose else arr, dtype)
+        used.add(name)
+    extra = [
+        k
+        for k in tensors
+        if k not in used
+        and not _IGNORED_KEYS.search(k)
+        and not (cfg.tie_word_embeddings and k == "lm_head.weight")
+    ]
+    if extra:
+        log.warning("%s: ignoring %d unexpected tensors, e.g. %s", source, len(extra), extra[:3])
+    params = _unflatten(flat)
+    return stack_layers(cfg, params) if cfg.scan_layers else params
+
+
+def tensors_from_params(cfg: ModelConfig, params: dict) -> dict[str, np.ndarray]:
+    """HF-named numpy tensors; adapter/quantized leaves are materialized."""
+    params = unstack_layers(cfg, params)
+    out = {}
+    flat_cfg = cfg.replace(scan_layers=False)
+    leaves = jax.tree_util.tree_flatten_with_path(params, is_leaf=layers.is_weight_leaf)[0]
+    for keypath, leaf in leaves:
+        path = tuple(k.key for k in keypath)
+        name, transpose = hf_name(flat_cfg, path)
+        arr = np.asarray(layers.materialize(leaf))
+        out[name] = np.ascontiguousarray(arr.T if transpose else arr)
+    return out
+
+
+# ----------------------------------------------------------------------------- files
+
+
+def resolve_dir(path_or_id: str) -> str:
+    """A local checkpoint directory, downloading a hub id when online."""
+    if os.path.isdir(path_or_id):
+        return path_or_id
+    if not _HUB_ID.fullmatch(path_or_id) or path_or_id.startswith("."):
+        raise CheckpointError(f"{path_or_id}: no such checkpoint directory")
+    try:
+        from huggingface_hub import snapshot_download
+
+        return snapshot_download(
+            path_or_id, allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja"]
+        )
+    except Exception as e:  # network, auth, missing repo: one line either way
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise CheckpointError(
+            f"{path_or_id}: not a local directory and the Hugging Face hub download failed "
+            f"(offline or unknown repo?): {reason}"
+        ) from None
+
+
+def read_config(ckpt_dir: str) -> dict:
+    path = os.path.join(ckpt_dir, "config.json")
+    if not os.path.isfile(path):
+        raise CheckpointError(f"{path}: missing config.json (not a Hugging Face checkpoint dir)")
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{path}: invalid JSON ({e})") from None
+
+
+def read_tensors(ckpt_dir: str) -> tuple[dict, str]:
+    single = os.path.join(ckpt_dir, WEIGHTS_NAME)
+    index = os.path.join(ckpt_dir, INDEX_NAME)
+    if os.path.isfile(single):
+        return safetensors_io.load(single), single
+    if os.path.isfile(index):
+        with open(index) as f:
+            weight_map = json.load(f).get("weight_map", {})
+        tensors = {}
+        for shard in sorted(set(weight_map.values())):
+            shard_path = os.path.join(ckpt_dir, shard)
+            if not os.path.isfile(shard_path):
+                raise CheckpointError(f"{index}: shard {shard} is missing")
+            tensors.update(safetensors_io.load(shard_path))
+        return tensors, index
+    pickles = [n for n in PICKLE_NAMES if os.path.exists(os.path.join(ckpt_dir, n))]
+    if pickles:
+        raise CheckpointError(
+            f"{os.path.join(ckpt_dir, pickles[0])}: pickle checkpoints are refused (unpickling can "
+            "run arbitrary code); convert to safetensors first, e.g. load it in transformers and "
+            "call save_pretrained(out_dir, safe_serialization=True)"
+        )
+    raise CheckpointError(f"{ckpt_dir}: no {WEIGHTS_NAME} or {INDEX_NAME} found")
+
+
+def from_pretrained(
+    path_or_hub_id: str,
+    dtype: str = "float32",
+    param_dtype: str | None = None,
+    scan_layers: bool = False,
+    remat: bool = False,
+):
+    """Loads a HF checkpoint as `(model, params)`.
+
+    >>> model, params = from_pretrained("path/to/llama", dtype="bfloat16")
+    >>> logits = model.apply({"params": params}, input_ids)
+    """
+    ckpt_dir = resolve_dir(path_or_hub_id)
+    hf = read_config(ckpt_dir)
+    cfg = config_from_hf(
+        hf,
+        os.path.join(ckpt_dir, "config.json"),
+        dtype=str(jnp.dtype(dtype)),
+        param_dtype=str(jnp.dtype(param_dtype or dtype)),
+        scan_layers=scan_layers,
+        remat=remat,
+    )
+    tensors, source = read_tensors(ckpt_dir)
+    params = params_from_tensors(cfg, tensors, source)
+    return build_model(cfg), params
+
+
+def save_pretrained(model, params, out_dir: str, dtype: str | None = None) -> None:
+    """Writes `config.json` + `model.safetensors` that transformers loads."""
+    cfg: ModelConfig = model.cfg
+    os.makedirs(out_dir, exist_ok=True)
+    tensors = tensors_from_params(cfg, params)
+    if dtype is not None:
+        tensors = {k: v.astype(jnp.dtype(dtype)) for k, v in tensors.items()}
+    hf = config_to_hf(cfg)
+    hf["torch_dtype"] = str(next(iter(tensors.values())).dtype)
+    safetensors_io.save(tensors, os.path.join(out_dir, WEIGHTS_NAME), {"format": "pt"})
+    with open(os.path.join(out_dir, "config.json"), "w") as f:
+        json.dump(hf, f, indent=2, sort_keys=True)
