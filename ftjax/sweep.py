@@ -1,0 +1,189 @@
+"""Expand a study's sweep and run it: one run directory per override dict.
+
+A study is a Python file with `get_config(arg=None)`, `get_sweep()` (a list of
+override dicts) and optionally `get_prerequisites()` (runs that must finish
+first, e.g. pre-training the base model the sweep fine-tunes). An override dict
+holds `arg` (passed to `get_config`, the switch that rewrites several fields,
+e.g. "method=lora,rank=16") and dotted config paths (`"train.seed": 1`):
+
+>>> get_sweep = lambda: product(arg=["method=full", "method=lora"], **{"train.seed": [0, 1]})
+
+Config strings may contain `{sweep_dir}`, replaced by the sweep's workdir, so a
+fine-tuning run can point at its prerequisite's exported weights.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+import itertools
+import json
+import os
+import re
+import sys
+import time
+from collections.abc import Callable
+
+import ml_collections
+
+
+@dataclasses.dataclass
+class RunSpec:
+    name: str
+    config: ml_collections.ConfigDict
+    overrides: dict
+
+
+def product(**axes) -> list[dict]:
+    """Every combination of the given values: product(a=[1, 2], b=[3]) ->
+    [{a: 1, b: 3}, {a: 2, b: 3}]. Dotted keys via **{"train.seed": [...]}."""
+    keys = list(axes)
+    return [dict(zip(keys, values)) for values in itertools.product(*axes.values())]
+
+
+def zip_(**axes) -> list[dict]:
+    """Values taken together: zip_(a=[1, 2], b=[3, 4]) -> [{a: 1, b: 3}, {a: 2, b: 4}]."""
+    lengths = {k: len(v) for k, v in axes.items()}
+    if len(set(lengths.values())) > 1:
+        raise ValueError(f"zip_: axes have different lengths {lengths}")
+    keys = list(axes)
+    return [dict(zip(keys, values)) for values in zip(*axes.values())]
+
+
+def cross(a: list[dict], b: list[dict]) -> list[dict]:
+    """Each dict of `a` merged with each of `b`."""
+    return [{**x, **y} for x in a for y in b]
+
+
+def load_study(path: str):
+    """Imports an experiment file (``path`` may carry ``:arg``, ignored here)."""
+    path = path.split(":", 1)[0]
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"--config: no such experiment file {path}")
+    name = "ftjax_study_" + re.sub(r"\W", "_", os.path.abspath(path))
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    if not hasattr(module, "get_config"):
+        raise ValueError(f"{path}: an experiment file must define get_config(arg=None)")
+    return module
+
+
+def set_path(cfg: ml_collections.ConfigDict, dotted: str, value, origin: str = "override"):
+    """cfg.a.b = value, failing with one line on a key the config does not have."""
+    node = cfg
+    parts = dotted.split(".")
+    for p in parts[:-1]:
+        if p not in node:
+            raise KeyError(f"{origin}: unknown config key {dotted!r} (no {p!r})")
+        node = node[p]
+    if parts[-1] not in node:
+        raise KeyError(f"{origin}: unknown config key {dotted!r}")
+    node[parts[-1]] = value
+
+
+def run_name(overrides: dict) -> str:
+    parts = []
+    for k, v in overrides.items():
+        if k == "arg":
+            parts.extend(str(v).split(",") if v else [])
+        else:
+            parts.append(f"{k.split('.')[-1]}={v}")
+    name = ",".join(parts) or "default"
+    return re.sub(r"[^\w.,=+-]", "_", name)
+
+
+def substitute(cfg: ml_collections.ConfigDict, sweep_dir: str) -> None:
+    """Replaces `{sweep_dir}` in every string field, in place."""
+    for key, value in cfg.items():
+        if isinstance(value, ml_collections.ConfigDict):
+            substitute(value, sweep_dir)
+        elif isinstance(value, str) and "{sweep_dir}" in value:
+            cfg[key] = value.replace("{sweep_dir}", sweep_dir)
+
+
+def expand(study, sweep_dir: str) -> tuple[list[RunSpec], list[RunSpec]]:
+    """(prerequisite runs, sweep runs), each with its config built and checked."""
+
+    def build(overrides: dict, origin: str) -> ml_collections.ConfigDict:
+        cfg = study.get_config(overrides.get("arg"))
+        for k, v in overrides.items():
+            if k not in ("arg", "name"):
+                set_path(cfg, k, v, origin)
+        substitute(cfg, os.path.abspath(sweep_dir))
+        return cfg
+
+    prereqs = []
+    for name, arg in getattr(study, "get_prerequisites", lambda: [])():
+        prereqs.append(RunSpec(name, build({"arg": arg}, f"prerequisite {name}"), {"arg": arg}))
+    sweep = getattr(study, "get_sweep", lambda: [{}])()
+    runs = []
+    for i, overrides in enumerate(sweep):
+        name = overrides.get("name") or run_name(overrides)
+        runs.append(RunSpec(name, build(overrides, f"sweep entry {i}"), overrides))
+    names = [r.name for r in prereqs + runs]
+    dup = {n for n in names if names.count(n) > 1}
+    if dup:
+        raise ValueError(f"sweep: duplicate run names {sorted(dup)}; give entries a 'name'")
+    return prereqs, runs
+
+
+def is_finished(run_dir: str) -> bool:
+    path = os.path.join(run_dir, "summary.json")
+    if not os.path.exists(path):
+        return False
+    with open(path) as f:
+        return json.load(f).get("status") == "completed"
+
+
+def command_for(config_path: str, sweep_dir: str, name: str) -> str:
+    """The shell command that runs one entry on its own (scheduler arrays)."""
+    script = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "scripts", "sweep.py")
+    return (
+        f"python {os.path.normpath(script)} --config={config_path} --workdir={sweep_dir} "
+        f"--only={name}"
+    )
+
+
+def run_sweep(
+    config_path: str,
+    sweep_dir: str,
+    run_one: Callable[[RunSpec, str], dict],
+    only: str = "",
+    emit: str = "",
+    out=sys.stdout,
+) -> list[dict]:
+    """Runs (or, with emit="commands", prints) every run not yet finished.
+
+    `run_one(spec, run_dir)` trains and evaluates one run and returns its
+    summary; interrupted runs resume from their checkpoints."""
+    study = load_study(config_path)
+    prereqs, runs = expand(study, sweep_dir)
+    if emit == "commands":
+        # Prerequisites first: a scheduler runs the first line, then the array.
+        for spec in prereqs + runs:
+            print(command_for(config_path, sweep_dir, spec.name), file=out)
+        return []
+    if emit:
+        raise ValueError(f"--emit={emit!r}; expected 'commands' or nothing")
+    selected = prereqs + runs
+    if only:
+        selected = [s for s in selected if s.name == only]
+        if not selected:
+            names = ", ".join(s.name for s in prereqs + runs)
+            raise ValueError(f"--only={only!r} names no run; runs: {names}")
+    os.makedirs(sweep_dir, exist_ok=True)
+    summaries = []
+    t0 = time.time()
+    for i, spec in enumerate(selected, 1):
+        run_dir = os.path.join(sweep_dir, spec.name)
+        head = f"[run {i}/{len(selected)}] {spec.name}"
+        if is_finished(run_dir):
+            print(f"{head}: finished, skipped", file=out, flush=True)
+            with open(os.path.join(run_dir, "summary.json")) as f:
+                summaries.append(json.load(f))
+            continue
+        print(f"{head}: running in {run_dir} (sweep {time.time() - t0:.0f}s)", file=out, flush=True)
+        summaries.append(run_one(spec, run_dir))
+    print(f"sweep done: {len(selected)} runs in {time.time() - t0:.0f}s", file=out, flush=True)
+    return summaries

@@ -1,0 +1,94 @@
+"""Count trainable and total parameters of PEFT methods on model configs,
+without allocating weights (`jax.eval_shape`), as a markdown table.
+
+    python scripts/count_params.py --config=experiments/lora_paper/param_counts.py
+
+The config holds `settings` (name -> {title, model: ModelConfig fields or
+hf_config: path to a config.json, method: a PEFT method config, expected,
+paper}) and `rows`, the comma-separated names to print. A row whose count
+differs from its `expected` is marked and makes the exit status 1.
+"""
+
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(__file__))
+
+from _cli import run_main  # noqa: E402
+from absl import app, flags  # noqa: E402
+from ml_collections import config_flags  # noqa: E402
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Counting config file[:arg].")
+_WORKDIR = flags.DEFINE_string(
+    "workdir", None, "If set, also write the table to WORKDIR/param_counts.md."
+)
+flags.mark_flags_as_required(["config"])
+
+
+def model_config(setting):
+    from ftjax.models import ModelConfig
+    from ftjax.models.hf import config_from_hf, read_config
+
+    if setting.get("hf_config"):
+        path = setting["hf_config"]
+        return config_from_hf(read_config(os.path.dirname(path) or "."), path, scan_layers=True)
+    # Scanned layers trace one layer instead of all: the counts are identical.
+    return ModelConfig(**dict(setting["model"]), scan_layers=True)
+
+
+def count_setting(setting) -> tuple[int, int]:
+    """(trainable, total) for one setting, from shapes only."""
+    import jax
+
+    from ftjax import peft
+    from ftjax.models.hf import abstract_params
+
+    cfg = model_config(setting)
+    method = peft.build_method(setting["method"])
+    abstract = abstract_params(cfg)
+    adapted = jax.eval_shape(lambda p: method.apply(p, jax.random.key(0)), abstract)
+    return method.count(adapted)
+
+
+def table(config) -> tuple[str, list[str]]:
+    """The markdown table and the names of rows that missed their expected count."""
+    lines = [
+        "| setting | trainable | expected | paper | total | trainable % |",
+        "|---|---:|---:|---:|---:|---:|",
+    ]
+    missed = []
+    for name in [r.strip() for r in config.rows.split(",") if r.strip()]:
+        if name not in config.settings:
+            raise ValueError(
+                f"rows: unknown setting {name!r}; known: {', '.join(config.settings.keys())}"
+            )
+        setting = config.settings[name].to_dict()
+        trainable, total = count_setting(setting)
+        expected = setting.get("expected")
+        mark = ""
+        if expected is not None and trainable != expected:
+            mark = " (MISMATCH)"
+            missed.append(name)
+        lines.append(
+            f"| {setting.get('title', name)} | {trainable:,}{mark} | "
+            f"{'' if expected is None else f'{expected:,}'} | {setting.get('paper', '')} | "
+            f"{total:,} | {100.0 * trainable / total:.4f} |"
+        )
+    return "\n".join(lines), missed
+
+
+def main(argv):
+    del argv
+    text, missed = table(_CONFIG.value)
+    print(text)
+    if _WORKDIR.value:
+        os.makedirs(_WORKDIR.value, exist_ok=True)
+        with open(os.path.join(_WORKDIR.value, "param_counts.md"), "w") as f:
+            f.write(text + "\n")
+    if missed:
+        print(f"error: counts differ from expected for {', '.join(missed)}", file=sys.stderr)
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    app.run(lambda argv: run_main(main, argv))

@@ -1,0 +1,177 @@
+"""One train step, every parallel mode: same numbers on 8 simulated CPU devices;
+gradient accumulation; no optimizer state for frozen weights; bad input."""
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from ftjax import peft
+from ftjax.models import ModelConfig, build_model
+from ftjax.train import Parallel, StepConfig, TrainState, build_optimizer, default_optim_config
+from ftjax.train.optim import ConfigError
+
+CFG = ModelConfig(
+    vocab_size=64, hidden_size=32, intermediate_size=64, num_layers=2, num_heads=4, num_kv_heads=4
+)
+METHODS = {"full": {"name": "full"}, "lora": {"name": "lora", "rank": 4, "targets": "all-linear"}}
+
+
+def make_batch(step, rows=8, seq=16):
+    rng = np.random.default_rng(step)
+    ids = rng.integers(0, CFG.vocab_size, (rows, seq)).astype(np.int32)
+    lengths = seq - rng.integers(0, 5, rows)  # ragged right padding
+    mask = (np.arange(seq)[None] < lengths[:, None]).astype(np.int32)
+    return {
+        "input_ids": ids,
+        "targets": np.roll(ids, -1, axis=1),
+        "loss_mask": (mask * rng.integers(0, 2, (rows, seq))).astype(np.float32),
+        "attention_mask": mask,
+        "positions": np.broadcast_to(np.arange(seq, dtype=np.int32), (rows, seq)).copy(),
+        "segment_ids": mask.copy(),
+    }
+
+
+def initial_state(method_name, accum=1, scan=False):
+    cfg = CFG.replace(scan_layers=scan)
+    model = build_model(cfg)
+    params = model.init(jax.random.key(0), jnp.zeros((1, 4), jnp.int32))["params"]
+    method = peft.build_method(METHODS[method_name])
+    params = method.apply(params, jax.random.key(1))
+    trainable, frozen = method.split(params)
+    ocfg = default_optim_config()
+    ocfg.lr, ocfg.weight_decay, ocfg.accum_steps, ocfg.warmup_steps = 1e-2, 0.01, accum, 1
+    tx, _ = build_optimizer(ocfg, 10)
+    state = TrainState(
+        jnp.zeros((), jnp.int32),
+        trainable,
+        frozen,
+        tx.init(trainable),
+        jax.random.key_data(jax.random.key(2)),
+        jnp.zeros((), jnp.int32),
+    )
+    return model, tx, state
+
+
+def run(method_name, mode, steps=3, accum=1, batches=None):
+    model, tx, state = initial_state(method_name, accum)
+    par = Parallel(mode, model, tx, StepConfig(accum_steps=accum))
+    state = par.place_state(state)
+    losses = []
+    for i in range(steps):
+        batch = make_batch(i) if batches is None else batches[i]
+        state, metrics = par.train_step(state, par.place_batch(batch))
+        losses.append(float(metrics["loss"]))
+    return np.array(losses), jax.device_get(par.host_state(state).trainable)
+
+
+def assert_relative_close(tree, ref, tol):
+    """Per array, ||x - ref|| <= tol * ||ref||: Adam's normalized updates turn
+    float reassociation between layouts into element-wise noise near zero, so
+    the norm is the meaningful measure of "the same parameters"."""
+    chex.assert_trees_all_equal_structs(tree, ref)
+    for x, r in zip(jax.tree.leaves(tree), jax.tree.leaves(ref)):
+        x, r = np.asarray(x, np.float64), np.asarray(r, np.float64)
+        assert np.linalg.norm(x - r) <= tol * max(np.linalg.norm(r), 1e-12), np.linalg.norm(
+            x - r
+        ) / np.linalg.norm(r)
+
+
+@pytest.fixture(scope="module", params=sorted(METHODS))
+def reference(request):
+    return request.param, run(request.param, "single")
+
+
+@pytest.mark.parametrize("mode", ["data", "fsdp", "tensor", "pmap"])
+def test_modes_match_single_device(reference, mode):
+    assert jax.device_count() == 8
+    method_name, (ref_losses, ref_params) = reference
+    losses, params = run(method_name, mode)
+    np.testing.assert_allclose(losses, ref_losses, rtol=1e-5)
+    assert_relative_close(params, ref_params, 1e-5)
+    # The parameters moved, so the equality above is not the trivial one.
+    assert losses[0] != losses[-1]
+
+
+def test_fsdp_and_tensor_actually_shard():
+    model, tx, state = initial_state("full")
+    for mode, axis in (("fsdp", "data"), ("tensor", "model")):
+        par = Parallel(mode, model, tx, StepConfig())
+        placed = par.place_state(state)
+        q = placed.trainable["model"]["layers_0"]["self_attn"]["q_proj"]["kernel"]
+        assert axis in str(q.sharding.spec), (mode, q.sharding)
+        assert q.addressable_shards[0].data.size < q.size
+
+
+@pytest.mark.parametrize("method_name", sorted(METHODS))
+def test_gradient_accumulation_equals_large_batch(method_name):
+    big = make_batch(0, rows=8)
+    one, p1 = run(method_name, "single", steps=1, accum=1, batches=[big])
+    four, p4 = run(method_name, "single", steps=1, accum=4, batches=[big])
+    np.testing.assert_allclose(four, one, rtol=1e-6)
+    assert_relative_close(p4, p1, 1e-5)
+
+
+def test_lora_has_no_optimizer_state_for_frozen_weights():
+    _, tx, state = initial_state("lora")
+    trainable_bytes = peft.nbytes(state.trainable)
+    # AdamW keeps two moments per trainable array, plus scalar step counters.
+    moment_bytes = sum(x.nbytes for x in jax.tree.leaves(state.opt_state) if np.ndim(x) > 0)
+    assert moment_bytes == 2 * trainable_bytes
+    frozen_bytes = peft.nbytes(state.frozen)
+    assert frozen_bytes > 4 * trainable_bytes
+    # No frozen array appears anywhere in the optimizer state or gradients.
+    trainable_shapes = sorted(np.shape(x) for x in jax.tree.leaves(state.trainable))
+    opt_shapes = sorted(np.shape(x) for x in jax.tree.leaves(state.opt_state) if np.ndim(x) > 0)
+    assert opt_shapes == sorted(trainable_shapes * 2)
+    for kernel in ("q_proj", "down_proj"):
+        leaf = state.trainable["model"]["layers_0"]["self_attn" if kernel == "q_proj" else "mlp"][
+            kernel
+        ]["kernel"]
+        assert leaf.w is None and leaf.a is not None
+
+
+def test_nan_guard_skips_the_update():
+    model, tx, state = initial_state("full")
+    par = Parallel("single", model, tx, StepConfig())
+    state = par.place_state(state)
+    before = jax.device_get(state.trainable)
+    bad = jax.tree.map(lambda x: x, state)
+    bad = bad._replace(
+        trainable=jax.tree.map(lambda x: x.at[0].set(jnp.nan) if x.ndim == 2 else x, bad.trainable)
+    )
+    bad_before = jax.device_get(bad.trainable)
+    new, metrics = par.train_step(bad, par.place_batch(make_batch(0)))
+    assert int(metrics["skipped"]) == 1
+    chex.assert_trees_all_equal(jax.device_get(new.trainable), bad_before)
+    del before
+
+
+def test_bad_optimizer_and_mode_and_batch():
+    ocfg = default_optim_config()
+    ocfg.name = "adam_typo"
+    with pytest.raises(ConfigError, match=r"optim\.name='adam_typo'; expected one of adamw"):
+        build_optimizer(ocfg, 10)
+    model, tx, _ = initial_state("full")
+    with pytest.raises(ValueError, match=r"parallel\.mode='ddp'; expected one of single"):
+        Parallel("ddp", model, tx, StepConfig())
+    with pytest.raises(ValueError, match=r"data\.batch_size=12 .*not divisible by the 8"):
+        Parallel("data", model, tx, StepConfig()).check_batch_size(12)
+
+
+@pytest.mark.parametrize("name", ["adafactor", "lion", "sgd"])
+def test_other_optimizers_reduce_loss(name):
+    model, _, state = initial_state("full")
+    ocfg = default_optim_config()
+    ocfg.name, ocfg.lr = name, {"adafactor": 1e-2, "lion": 1e-3, "sgd": 0.5}[name]
+    tx, _ = build_optimizer(ocfg, 20)
+    state = state._replace(opt_state=tx.init(state.trainable))
+    par = Parallel("single", model, tx, StepConfig())
+    state = par.place_state(state)
+    batch = par.place_batch(make_batch(0))
+    losses = []
+    for _ in range(8):
+        state, m = par.train_step(state, batch)
+        losses.append(float(m["loss"]))
+    assert losses[-1] < losses[0] - 0.05, losses
