@@ -97,7 +97,7 @@ def aggregate(runs: list[dict], target: str, general: str, metric: str) -> list[
     rows = []
     for key, members in groups.items():
         s = [m["summary"] for m in members]
-        get = lambda k: _stats([x.get(k) for x in s])  # noqa: E731
+        get = lambda k, s=s: _stats([x.get(k) for x in s])
         rows.append(
             {
                 "key": key,
