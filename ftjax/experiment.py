@@ -1,0 +1,221 @@
+"""What experiment files share: the `arg` switch that rewrites a config for a
+method in one place, the cached synthetic suite, and the evaluation a study
+runs after training (before/after metrics, forgetting, weight analysis).
+
+>>> cfg = with_method(default_config(), "method=lora,rank=16,targets=all-linear")
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+
+import jax
+import ml_collections
+import numpy as np
+
+from ftjax.train.optim import ConfigError
+
+# Per-method defaults that differ from full fine-tuning. Everything else about
+# the runs (tokens, steps, schedule) stays matched across an ablation.
+METHOD_PRESETS = {
+    "full": {"method": {"name": "full"}, "lr_scale": 1.0},
+    "lora": {"method": {"name": "lora", "rank": 16, "alpha": 32, "targets": "all-linear"}, "lr_scale": 10.0},
+    "dora": {"method": {"name": "dora", "rank": 16, "alpha": 32, "targets": "all-linear"}, "lr_scale": 10.0},
+    "qlora": {"method": {"name": "qlora", "rank": 16, "alpha": 32, "targets": "all-linear"}, "lr_scale": 10.0},
+    "pissa": {
+        "method": {"name": "lora", "rank": 16, "alpha": 16, "init": "pissa", "targets": "all-linear"},
+        "lr_scale": 2.0,
+    },
+    "bitfit": {"method": {"name": "bitfit"}, "lr_scale": 10.0},
+    "freeze": {"method": {"name": "freeze", "last_layers": 1}, "lr_scale": 1.0},
+}
+# Keys of `arg` that are method options (converted to the option's type).
+_METHOD_OPTION_TYPES = {
+    "rank": int,
+    "alpha": float,
+    "dropout": float,
+    "rslora": lambda s: s.lower() in ("1", "true", "yes"),
+    "init": str,
+    "targets": str,
+    "last_layers": int,
+    "trainable": str,
+    "compute": str,
+}
+
+
+def parse_arg(arg: str | None) -> dict[str, str]:
+    """"method=lora,rank=16" -> {"method": "lora", "rank": "16"}."""
+    out = {}
+    for part in (arg or "").split(","):
+        part = part.strip()
+        if not part:
+            continue
+        if "=" not in part:
+            raise ConfigError(f"config arg {part!r}: expected key=value pairs separated by commas")
+        k, v = part.split("=", 1)
+        out[k.strip()] = v.strip()
+    return out
+
+
+def with_method(cfg: ml_collections.ConfigDict, name: str, options: dict | None = None):
+    """Rewrites every field a method touches: the method section and the
+    learning rate (PEFT methods train at a higher lr, as in their papers)."""
+    if name not in METHOD_PRESETS:
+        raise ConfigError(f"method={name!r}; expected one of {', '.join(METHOD_PRESETS)}")
+    preset = METHOD_PRESETS[name]
+    method = dict(preset["method"])
+    for k, v in (options or {}).items():
+        if k not in _METHOD_OPTION_TYPES:
+            raise ConfigError(
+                f"config arg {k}={v!r}: not a method option; options: {', '.join(_METHOD_OPTION_TYPES)}"
+            )
+        method[k] = _METHOD_OPTION_TYPES[k](v) if isinstance(v, str) else v
+    cfg.method = ml_collections.ConfigDict(method)
+    cfg.optim.lr = float(cfg.optim.lr) * preset["lr_scale"]
+    return cfg
+
+
+def split_method_options(args: dict) -> tuple[dict, dict]:
+    """(method options, remaining args) of a parsed `arg`."""
+    method = {k: v for k, v in args.items() if k in _METHOD_OPTION_TYPES}
+    rest = {k: v for k, v in args.items() if k not in _METHOD_OPTION_TYPES}
+    return method, rest
+
+
+def cache_dir() -> str:
+    return os.environ.get("FTJAX_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "ftjax"))
+
+
+def ensure_suite(seed: int = 0, label_noise: float = 0.0, root: str | None = None, **sizes) -> tuple[dict, str]:
+    """The synthetic suite and its tokenizer, written once per (seed, sizes,
+    noise) into the cache and reused; built in a temporary directory and
+    renamed, so concurrent or interrupted builds never leave a partial suite."""
+    from ftjax.data import build_char_tokenizer, write_suite
+
+    key = "-".join([f"seed{seed}", f"noise{label_noise:g}"] + [f"{k}{v}" for k, v in sorted(sizes.items())])
+    final = os.path.join(root or cache_dir(), "suites", key)
+    if not os.path.exists(os.path.join(final, "done")):
+        os.makedirs(os.path.dirname(final), exist_ok=True)
+        tmp = tempfile.mkdtemp(dir=os.path.dirname(final), prefix=".tmp-")
+        write_suite(tmp, seed, label_noise=label_noise, **sizes)
+        build_char_tokenizer(os.path.join(tmp, "tokenizer"))
+        open(os.path.join(tmp, "done"), "w").close()
+        try:
+            os.rename(tmp, final)
+        except OSError:  # another process finished first
+            shutil.rmtree(tmp, ignore_errors=True)
+    with open(os.path.join(final, "manifest.json")) as f:
+        files = json.load(f)["files"]
+    paths = {k: os.path.join(final, v) for k, v in files.items()}
+    paths["manifest"] = os.path.join(final, "manifest.json")
+    return paths, os.path.join(final, "tokenizer")
+
+
+# ----------------------------------------------------------------------------- evaluation
+
+
+def default_eval_config() -> ml_collections.ConfigDict:
+    return ml_collections.ConfigDict(
+        dict(
+            exact_match=True,  # generate answers for each eval set's prompts
+            max_examples=200,  # per eval set, for generation
+            max_new_tokens=40,
+            batch_size=64,
+            analysis=True,  # ΔW spectra and intruder dimensions against the base
+            intruder_k=10,
+            intruder_eps=0.5,
+            memorization=False,  # data-quality study: recall of corrupted training labels
+        )
+    )
+
+
+def exact_match_on(model, params, tokenizer, prompts, answers, ecfg) -> float:
+    from ftjax.eval import generate_text
+
+    correct = 0
+    for i in range(0, len(prompts), ecfg.batch_size):
+        outs = generate_text(
+            model,
+            params,
+            tokenizer,
+            list(prompts[i : i + ecfg.batch_size]),
+            max_new_tokens=ecfg.max_new_tokens,
+        )
+        correct += sum(o.strip() == a.strip() for o, a in zip(outs, answers[i : i + ecfg.batch_size]))
+    return correct / max(len(prompts), 1)
+
+
+def evaluate_run(result, cfg, workdir: str) -> dict:
+    """Before/after metrics on every eval set, forgetting, and weight analysis;
+    merged into summary.json and written to eval.json. Keys as `report.py` reads."""
+    from ftjax import peft
+    from ftjax.eval import evaluate_sets
+    from ftjax.train.loop import write_summary
+
+    ecfg = cfg.get("eval", default_eval_config())
+    pipe, model = result.pipeline, result.model
+    tuned = peft.merge(result.params)
+    base = result.base_params
+    sets = {n: list(pipe.eval_batches(n)) for n in pipe.eval_names}
+    out: dict = {}
+    for side, params in (("base", base), ("final", tuned)):
+        metrics = evaluate_sets(model, params, sets)
+        for name, m in metrics.items():
+            out[f"{side}/{name}/loss"] = m["loss"]
+            out[f"{side}/{name}/token_accuracy"] = m["accuracy"]
+            if ecfg.exact_match:
+                rows = pipe.eval_rows(name)
+                n = min(len(rows), ecfg.max_examples or len(rows))
+                rows = rows.select(range(n))
+                out[f"{side}/{name}/exact_match"] = exact_match_on(
+                    model, params, pipe.tokenizer, rows["prompt"], rows["answer"], ecfg
+                )
+    for name in pipe.eval_names:
+        out[f"forgetting/{name}/loss_increase"] = out[f"final/{name}/loss"] - out[f"base/{name}/loss"]
+        if ecfg.exact_match:
+            out[f"forgetting/{name}/exact_match_drop"] = (
+                out[f"base/{name}/exact_match"] - out[f"final/{name}/exact_match"]
+            )
+    if ecfg.memorization:
+        out.update(memorization(model, tuned, pipe.tokenizer, cfg, ecfg))
+    if ecfg.analysis:
+        from ftjax.analysis import analyze_update
+
+        try:
+            report = analyze_update(base, tuned, k=ecfg.intruder_k, eps=ecfg.intruder_eps)
+            agg = report["aggregate"].get("all")
+            if agg:
+                out["analysis/energy_rank_90"] = agg["mean_energy_rank"]
+                out["analysis/intruders"] = agg["mean_intruders"]
+                out["analysis/relative_update_norm"] = agg["mean_relative_norm"]
+            with open(os.path.join(workdir, "weight_analysis.json"), "w") as f:
+                json.dump(report, f, default=float)
+        except ValueError as e:  # e.g. nothing changed (a 0-step run)
+            out["analysis/error"] = str(e)
+    if jax.process_index() == 0:
+        with open(os.path.join(workdir, "eval.json"), "w") as f:
+            json.dump(out, f, indent=2, sort_keys=True)
+        summary = {**result.summary, **out}
+        write_summary(workdir, summary)
+        result.summary.update(out)
+    return out
+
+
+def memorization(model, params, tokenizer, cfg, ecfg) -> dict:
+    """For label-noise runs: on the corrupted training prompts, how often the
+    model now gives the wrong label it was trained on, and how often the true one."""
+    manifest = cfg.get("study", {}).get("manifest", "")
+    if not manifest or not os.path.exists(manifest):
+        return {}
+    with open(manifest) as f:
+        corrupted = json.load(f).get("corrupted", [])[: ecfg.max_examples]
+    if not corrupted:
+        return {"extra/memorized_wrong": 0.0, "extra/corrupted_recovered": float("nan")}
+    prompts = [c["prompt"] for c in corrupted]
+    wrong = exact_match_on(model, params, tokenizer, prompts, [c["wrong"] for c in corrupted], ecfg)
+    right = exact_match_on(model, params, tokenizer, prompts, [c["answer"] for c in corrupted], ecfg)
+    return {"extra/memorized_wrong": wrong, "extra/corrupted_recovered": right}
+

@@ -1,0 +1,73 @@
+"""Parameter-efficient fine-tuning as parameter-pytree transforms."""
+
+from ftjax.peft.base import (
+    AdapterFormatError,
+    PeftError,
+    RankError,
+    TargetError,
+    UnknownMethodError,
+    WeightLeaf,
+    is_leaf,
+)
+from ftjax.peft.dora import DoraWeight, column_norm, from_lora, init_dora
+from ftjax.peft.lora import LoraWeight, init_lora, lora_scale, pissa_factors
+from ftjax.peft.methods import DEFAULTS, Method, build_method, known_methods
+from ftjax.peft.peft_format import (
+    load_adapter,
+    pissa_to_lora,
+    read_adapter,
+    save_adapter,
+    write_adapter,
+)
+from ftjax.peft.quant import NF4_LEVELS, NF4Weight, dequantize_nf4, quantize_nf4
+from ftjax.peft.targets import PRESET_NAMES
+from ftjax.peft.tree import (
+    adapter_params,
+    combine,
+    count,
+    has_adapters,
+    merge,
+    nbytes,
+    split,
+    with_adapter_params,
+)
+
+__all__ = [
+    "DEFAULTS",
+    "NF4_LEVELS",
+    "PRESET_NAMES",
+    "AdapterFormatError",
+    "DoraWeight",
+    "LoraWeight",
+    "Method",
+    "NF4Weight",
+    "PeftError",
+    "RankError",
+    "TargetError",
+    "UnknownMethodError",
+    "WeightLeaf",
+    "adapter_params",
+    "column_norm",
+    "combine",
+    "count",
+    "dequantize_nf4",
+    "from_lora",
+    "has_adapters",
+    "build_method",
+    "init_dora",
+    "init_lora",
+    "is_leaf",
+    "known_methods",
+    "load_adapter",
+    "lora_scale",
+    "merge",
+    "nbytes",
+    "pissa_factors",
+    "pissa_to_lora",
+    "quantize_nf4",
+    "read_adapter",
+    "save_adapter",
+    "split",
+    "with_adapter_params",
+    "write_adapter",
+]

@@ -1,0 +1,192 @@
+"""LoRA: a frozen kernel plus a trainable low-rank update, as one weight leaf.
+
+`LoraWeight(w, a, b, scale)` stands for the kernel `w + scale * a @ b`, with `w`
+of shape `(..., in, out)`, `a` `(..., in, r)` and `b` `(..., r, out)` (the
+leading axes are the stacked-layer axis under `scan_layers`). Applied to `x` it
+computes
+
+    x @ w + scale * (dropout(x) @ a) @ b
+
+without ever forming `a @ b` (`compute="factored"`, the default), or
+`x @ (w + scale * a @ b)` (`compute="merged"`, for ablating the two). `w` may be
+a plain array or another weight leaf such as `NF4Weight` (that is QLoRA).
+
+Scales: LoRA uses `alpha / r`, rsLoRA `alpha / sqrt(r)` (`lora_scale`).
+Inits (`init_lora`): `kaiming` (a ~ U(-1/sqrt(in), 1/sqrt(in)), what PEFT's
+kaiming_uniform(a=sqrt(5)) gives), `gaussian` (a ~ N(0, 1/r^2)), both with
+`b = 0` so the adapted model equals the base model exactly at step 0; and
+`pissa`, which takes `a`, `b` from the top-r singular directions of `w`
+scaled by `sqrt(S / scale)` and leaves the residual `w - scale * a @ b` frozen.
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+
+from ftjax.models import layers
+from ftjax.peft.base import PeftError, RankError, WeightLeaf, register_leaf
+
+COMPUTE_MODES = ("factored", "merged")
+INITS = ("kaiming", "gaussian", "pissa")
+
+
+def dropout(x, rate: float, rng):
+    """Inverted dropout; the identity when `rng` is None (evaluation) or rate is 0."""
+    if rng is None or rate == 0.0:
+        return x
+    keep = jax.random.bernoulli(rng, 1.0 - rate, x.shape)
+    return jnp.where(keep, x / (1.0 - rate), jnp.zeros((), x.dtype))
+
+
+def _check_compute(compute: str, rate: float):
+    if compute not in COMPUTE_MODES:
+        raise PeftError(f"peft.compute: {compute!r} is not one of {', '.join(COMPUTE_MODES)}")
+    if compute == "merged" and rate:
+        # Dropout acts on the input of the low-rank path only, which a merged
+        # kernel no longer has.
+        raise PeftError("peft.compute: 'merged' cannot apply LoRA dropout; set dropout=0")
+
+
+@register_leaf
+class LoraWeight(WeightLeaf):
+    """The kernel `w + scale * a @ b` (see the module docstring).
+
+    >>> w = jnp.ones((4, 3)); a = jnp.ones((4, 2)); b = jnp.zeros((2, 3))
+    >>> leaf = LoraWeight(w, a, b, scale=2.0)
+    >>> layers.linear(jnp.ones((1, 4)), leaf)   # == ones(1, 4) @ w while b == 0
+    """
+
+    children = ("w", "a", "b")
+    trainable_children = ("a", "b")
+    static = ("scale", "dropout", "compute")
+
+    def __init__(self, w, a, b, scale: float = 1.0, dropout: float = 0.0, compute="factored"):
+        _check_compute(compute, dropout)
+        self._set(w=w, a=a, b=b, scale=float(scale), dropout=float(dropout), compute=compute)
+
+    @property
+    def shape(self):
+        return tuple(self.w.shape)
+
+    @property
+    def dtype(self):
+        return self.w.dtype
+
+    @property
+    def rank(self) -> int:
+        return self.a.shape[-1]
+
+    def apply_linear(self, x, *, dtype, rng):
+        if self.compute == "merged":
+            return jnp.matmul(x, self.materialize(dtype))
+        y = layers.linear(x, self.w, dtype=dtype)
+        h = jnp.matmul(dropout(x, self.dropout, rng), jnp.asarray(self.a, dtype))
+        # Scaling the r-wide activation is the cheapest place to apply `scale`.
+        return y + jnp.matmul(h * jnp.asarray(self.scale, dtype), jnp.asarray(self.b, dtype))
+
+    def delta(self, dtype=jnp.float32):
+        """`scale * a @ b`, the dense update (materialized: for merging and tests)."""
+        a = jnp.asarray(self.a, dtype) * jnp.asarray(self.scale, dtype)
+        return jnp.matmul(a, jnp.asarray(self.b, dtype))
+
+    def materialize(self, dtype=None):
+        dtype = dtype or self.dtype
+        # Summed in float32 so that merging a bfloat16 model loses no more than
+        # the final rounding.
+        w = layers.materialize(self.w, jnp.float32)
+        return (w + self.delta(jnp.float32)).astype(dtype)
+
+
+def lora_scale(alpha: float, rank: int, rslora: bool = False) -> float:
+    """`alpha / r` (LoRA) or `alpha / sqrt(r)` (rsLoRA).
+
+    >>> lora_scale(16, 8), lora_scale(16, 4, rslora=True)
+    (2.0, 8.0)
+    """
+    return float(alpha) / (math.sqrt(rank) if rslora else rank)
+
+
+def check_rank(rank: int, shape, path: str = "kernel"):
+    """Raises RankError when `rank` is not in [1, min(in, out)] for a kernel shape."""
+    fan_in, fan_out = shape[-2], shape[-1]
+    if rank < 1:
+        raise RankError(f"peft.rank: must be at least 1, got {rank}")
+    if rank > min(fan_in, fan_out):
+        raise RankError(
+            f"peft.rank: {rank} exceeds min(in, out) = {min(fan_in, fan_out)} of {path} "
+            f"(shape {tuple(shape)})"
+        )
+
+
+def init_lora(
+    key,
+    w,
+    rank: int,
+    *,
+    scale: float,
+    init: str = "kaiming",
+    dropout: float = 0.0,
+    compute: str = "factored",
+    dtype=None,
+    path: str = "kernel",
+) -> LoraWeight:
+    """A fresh `LoraWeight` around kernel `w` (shape `(..., in, out)`).
+
+    `dtype` is the adapter dtype (default: the kernel's). Leading axes of `w`
+    (stacked layers) give each layer its own independent adapter.
+
+    >>> leaf = init_lora(jax.random.key(0), jnp.ones((16, 8)), 4, scale=2.0)
+    >>> leaf.a.shape, leaf.b.shape, float(jnp.abs(leaf.b).max())
+    ((16, 4), (4, 8), 0.0)
+    """
+    shape = tuple(w.shape)
+    check_rank(rank, shape, path)
+    dtype = jnp.dtype(dtype or w.dtype)
+    lead, (fan_in, fan_out) = shape[:-2], shape[-2:]
+    if init == "kaiming":
+        bound = 1.0 / math.sqrt(fan_in)
+        a = jax.random.uniform(key, lead + (fan_in, rank), dtype, -bound, bound)
+        b = jnp.zeros(lead + (rank, fan_out), dtype)
+    elif init == "gaussian":
+        a = jax.random.normal(key, lead + (fan_in, rank), dtype) / rank
+        b = jnp.zeros(lead + (rank, fan_out), dtype)
+    elif init == "pissa":
+        if isinstance(w, WeightLeaf):
+            raise PeftError(f"peft.init: 'pissa' needs a dense kernel at {path}")
+        w, a, b = pissa_factors(w, rank, scale)
+        a, b = a.astype(dtype), b.astype(dtype)
+    else:
+        raise PeftError(f"peft.init: {init!r} is not one of {', '.join(INITS)}")
+    return LoraWeight(w, a, b, scale=scale, dropout=dropout, compute=compute)
+
+
+def pissa_factors(w, rank: int, scale: float):
+    """(residual, a, b) with `residual + scale * a @ b == w` (PiSSA init).
+
+    From `w = U diag(S) Vt`: `a = U_r sqrt(S_r / scale)`,
+    `b = sqrt(S_r / scale) Vt_r`, residual `w - scale * a @ b`, all batched over
+    leading axes. The SVD runs in float32; the residual keeps `w`'s dtype.
+    """
+    w32 = jnp.asarray(w, jnp.float32)
+    u, s, vt = jnp.linalg.svd(w32, full_matrices=False)
+    root = jnp.sqrt(s[..., :rank] / scale)
+    a = u[..., :, :rank] * root[..., None, :]
+    b = root[..., :, None] * vt[..., :rank, :]
+    residual = (w32 - scale * jnp.matmul(a, b)).astype(w.dtype)
+    return residual, a, b
+
+
+def pissa_to_lora_leaf(trained: LoraWeight, initial: LoraWeight) -> LoraWeight:
+    """A plain-LoRA leaf over the *original* kernel equal to a trained PiSSA leaf.
+
+    PiSSA trains `a, b` over the residual `w_res = W - s a0 b0`, so
+    `w_res + s a b = W + s [a, a0] @ [b; -b0]`: a rank-2r LoRA on `W` itself,
+    which is what a consumer holding only the base model can apply.
+    """
+    w = (jnp.asarray(initial.w, jnp.float32) + initial.delta(jnp.float32)).astype(initial.w.dtype)
+    a = jnp.concatenate([trained.a, jnp.asarray(initial.a, trained.a.dtype)], axis=-1)
+    b = jnp.concatenate([trained.b, -jnp.asarray(initial.b, trained.b.dtype)], axis=-2)
+    return trained.replace(w=w, a=a, b=b)

@@ -1,0 +1,318 @@
+"""Hugging Face PEFT adapter files: `adapter_config.json` + `adapter_model.safetensors`.
+
+For a JAX kernel `(in, out)` adapted as `y += s * x @ a @ b`, PEFT stores
+`base_model.model.<module>.lora_A.weight = a.T` `(r, in)`,
+`...lora_B.weight = b.T` `(out, r)` and, for DoRA,
+`...lora_magnitude_vector = m` `(out,)`, where `<module>` is the module's
+name in the `transformers` model (`model.layers.0.self_attn.q_proj`) and no
+adapter name appears. The file carries the metadata `{"format": "pt"}`.
+
+PEFT loads leniently: it silently drops tensors of modules that
+`target_modules` does not match and ignores magnitudes when `use_dora` is
+false. `write_adapter` therefore checks both itself and refuses.
+
+    >>> save_adapter(model.cfg, params, "out/adapter")          # ftjax -> PyTorch
+    >>> params = load_adapter(model.cfg, base, "out/adapter")   # PyTorch -> ftjax
+
+PiSSA adapters only make sense on top of their residual base; export them with
+`save_adapter(cfg, pissa_to_lora(params, initial), dir)`, which rewrites them
+as a rank-2r LoRA over the original weights (see `pissa_to_lora`).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from ftjax.models import safetensors_io
+from ftjax.models.config import ModelConfig
+from ftjax.models.hf import hf_name, stack_layers, unstack_layers
+from ftjax.peft.base import AdapterFormatError, flatten_paths, is_leaf
+from ftjax.peft.dora import DoraWeight
+from ftjax.peft.lora import LoraWeight, lora_scale, pissa_to_lora_leaf
+from ftjax.peft.methods import replace_leaves
+from ftjax.peft.targets import kernel_paths
+
+CONFIG_NAME = "adapter_config.json"
+WEIGHTS_NAME = "adapter_model.safetensors"
+PREFIX = "base_model.model."
+_SUFFIXES = {".lora_A.weight": "a", ".lora_B.weight": "b", ".lora_magnitude_vector": "m"}
+
+
+def _module(cfg: ModelConfig, path: str) -> str:
+    name, _ = hf_name(cfg.replace(scan_layers=False), tuple(path.split("/")))
+    return name.removesuffix(".weight")
+
+
+def _unstacked(cfg: ModelConfig, params):
+    return unstack_layers(cfg, params) if cfg.scan_layers else params
+
+
+def peft_targets_match(module: str, target_modules) -> bool:
+    """Whether PEFT's `target_modules` selects a module name (PEFT's own rule:
+    a string is a full-match regex; a list matches a name or a dotted suffix)."""
+    if isinstance(target_modules, str):
+        return re.fullmatch(target_modules, module) is not None
+    return any(module == t or module.endswith("." + t) for t in target_modules)
+
+
+def _minimal_targets(adapted: list[str], others: list[str]) -> list[str]:
+    """Shortest dotted suffixes that match every adapted module and no other
+    linear module (GPT-2's `c_proj` is both `attn.c_proj` and `mlp.c_proj`)."""
+    out = set()
+    for module in adapted:
+        parts = module.split(".")
+        for k in range(1, len(parts) + 1):
+            suffix = ".".join(parts[-k:])
+            if not any(peft_targets_match(o, [suffix]) for o in others):
+                out.add(suffix)
+                break
+    return sorted(out)
+
+
+def adapter_state(
+    cfg: ModelConfig,
+    params,
+    *,
+    lora_alpha: float | None = None,
+    use_rslora: bool = False,
+    target_modules=None,
+    base_model_name_or_path: str | None = None,
+) -> tuple[dict, dict[str, np.ndarray]]:
+    """`(adapter_config, tensors)` for the LoRA/DoRA leaves of `params`.
+
+    `lora_alpha` defaults to the value that reproduces the leaves' scale
+    (`scale * r`, or `scale * sqrt(r)` with `use_rslora`); an explicit one must
+    agree with it. `target_modules` defaults to the adapted module names.
+    """
+    params = _unstacked(cfg, params)
+    leaves = [(p, x) for p, x in flatten_paths(params) if isinstance(x, LoraWeight)]
+    if not leaves:
+        raise AdapterFormatError("params: no LoRA/DoRA adapter to export")
+    kinds = {(x.rank, x.scale, isinstance(x, DoraWeight), x.dropout) for _, x in leaves}
+    if len(kinds) > 1:
+        raise AdapterFormatError(
+            "params: adapters differ in rank, scale, DoRA or dropout "
+            f"({sorted(kinds)[:3]}); PEFT's rank_pattern/alpha_pattern are not written"
+        )
+    rank, scale, use_dora, rate = kinds.pop()
+    if lora_alpha is None:
+        lora_alpha = scale * (math.sqrt(rank) if use_rslora else rank)
+    elif not math.isclose(lora_scale(lora_alpha, rank, use_rslora), scale, rel_tol=1e-6):
+        raise AdapterFormatError(
+            f"lora_alpha: {lora_alpha} with r={rank}, use_rslora={use_rslora} gives scale "
+            f"{lora_scale(lora_alpha, rank, use_rslora)}, but the adapters use {scale}"
+        )
+    tensors: dict[str, np.ndarray] = {}
+    adapted = []
+    for path, leaf in leaves:
+        module = _module(cfg, path)
+        adapted.append(module)
+        tensors[f"{PREFIX}{module}.lora_A.weight"] = np.asarray(leaf.a).T
+        tensors[f"{PREFIX}{module}.lora_B.weight"] = np.asarray(leaf.b).T
+        if use_dora:
+            tensors[f"{PREFIX}{module}.lora_magnitude_vector"] = np.asarray(leaf.m)
+    if target_modules is None:
+        others = [m for m in (_module(cfg, p) for p in kernel_paths(params)) if m not in adapted]
+        target_modules = _minimal_targets(adapted, others)
+    config = {
+        "peft_type": "LORA",
+        "task_type": "CAUSAL_LM",
+        "base_model_name_or_path": base_model_name_or_path,
+        "r": int(rank),
+        "lora_alpha": float(lora_alpha),
+        "lora_dropout": float(rate),
+        "target_modules": target_modules,
+        "use_rslora": bool(use_rslora),
+        "use_dora": bool(use_dora),
+        "init_lora_weights": True,
+        "bias": "none",
+        # GPT-2's Conv1D stores (in, out); PEFT must know to transpose its delta.
+        "fan_in_fan_out": cfg.model_type == "gpt2",
+        "modules_to_save": None,
+        "rank_pattern": {},
+        "alpha_pattern": {},
+        "inference_mode": True,
+    }
+    return config, tensors
+
+
+def _group(tensors: dict, source: str) -> dict[str, dict[str, np.ndarray]]:
+    """{module: {"a"|"b"|"m": tensor}} from PEFT keys; refuses keys it cannot place."""
+    modules: dict[str, dict[str, np.ndarray]] = {}
+    for key, value in tensors.items():
+        suffix = next((s for s in _SUFFIXES if key.endswith(s)), None)
+        if not key.startswith(PREFIX) or suffix is None:
+            raise AdapterFormatError(
+                f"{source}: tensor {key!r} is not a LoRA/DoRA tensor of a linear layer "
+                f"(expected {PREFIX}<module>.lora_A.weight / .lora_B.weight / .lora_magnitude_vector)"
+            )
+        module = key[len(PREFIX) : -len(suffix)]
+        modules.setdefault(module, {})[_SUFFIXES[suffix]] = value
+    return modules
+
+
+def _validate(config: dict, modules: dict, source: str):
+    for field in ("r", "lora_alpha", "target_modules"):
+        if field not in config:
+            raise AdapterFormatError(f"{source}: adapter_config.json lacks {field!r}")
+    rank, use_dora = config["r"], bool(config.get("use_dora", False))
+    for module, parts in sorted(modules.items()):
+        if not peft_targets_match(module, config["target_modules"]):
+            raise AdapterFormatError(
+                f"{source}: module {module!r} has tensors but target_modules="
+                f"{config['target_modules']!r} does not match it (PEFT would silently drop them)"
+            )
+        if "m" in parts and not use_dora:
+            raise AdapterFormatError(
+                f"{source}: module {module!r} has a lora_magnitude_vector but use_dora is false "
+                "(PEFT would silently ignore the DoRA magnitudes)"
+            )
+        if use_dora and "m" not in parts:
+            raise AdapterFormatError(
+                f"{source}: use_dora is true but module {module!r} has no lora_magnitude_vector"
+            )
+        if "a" not in parts or "b" not in parts:
+            raise AdapterFormatError(f"{source}: module {module!r} lacks lora_A or lora_B")
+        if parts["a"].shape[0] != rank or parts["b"].shape[-1] != rank:
+            raise AdapterFormatError(
+                f"{source}: module {module!r} has lora_A {tuple(parts['a'].shape)} and lora_B "
+                f"{tuple(parts['b'].shape)}, but r={rank} (rank_pattern is not supported)"
+            )
+
+
+def write_adapter(out_dir: str, config: dict, tensors: dict[str, np.ndarray]) -> None:
+    """Writes the two files after checking that PEFT will read them as meant."""
+    _validate(config, _group(tensors, out_dir), out_dir)
+    os.makedirs(out_dir, exist_ok=True)
+    safetensors_io.save(tensors, os.path.join(out_dir, WEIGHTS_NAME), {"format": "pt"})
+    with open(os.path.join(out_dir, CONFIG_NAME), "w") as f:
+        json.dump(config, f, indent=2, sort_keys=True)
+
+
+def save_adapter(cfg: ModelConfig, params, out_dir: str, *, method=None, **options) -> dict:
+    """Exports the adapters of `params` for `peft.PeftModel.from_pretrained`.
+
+    `method` (a method config or `Method`) supplies `lora_alpha` and
+    `use_rslora` as configured; `options` go to `adapter_state` (lora_alpha,
+    use_rslora, target_modules, base_model_name_or_path). Returns the config.
+
+    >>> save_adapter(model.cfg, params, "run/adapter", method=config.method)
+    """
+    if method is not None:
+        opts = getattr(method, "config", method)
+        opts = opts.to_dict() if hasattr(opts, "to_dict") else dict(opts)
+        if "alpha" in opts:
+            options.setdefault("lora_alpha", float(opts["alpha"]))
+            options.setdefault("use_rslora", bool(opts.get("rslora", False)))
+    config, tensors = adapter_state(cfg, params, **options)
+    write_adapter(out_dir, config, tensors)
+    return config
+
+
+def read_adapter(in_dir: str) -> tuple[dict, dict[str, np.ndarray]]:
+    """`(adapter_config, tensors)` as stored."""
+    config_path = os.path.join(in_dir, CONFIG_NAME)
+    weights_path = os.path.join(in_dir, WEIGHTS_NAME)
+    for path in (config_path, weights_path):
+        if not os.path.isfile(path):
+            raise AdapterFormatError(f"{path}: missing (not a PEFT adapter directory)")
+    with open(config_path) as f:
+        try:
+            config = json.load(f)
+        except json.JSONDecodeError as e:
+            raise AdapterFormatError(f"{config_path}: invalid JSON ({e})") from None
+    return config, safetensors_io.load(weights_path)
+
+
+def _refuse_unsupported(config: dict, source: str):
+    checks = [
+        ("peft_type", config.get("peft_type", "LORA") == "LORA"),
+        ("rank_pattern", not config.get("rank_pattern")),
+        ("alpha_pattern", not config.get("alpha_pattern")),
+        ("bias", config.get("bias", "none") == "none"),
+        ("lora_bias", not config.get("lora_bias")),
+        ("modules_to_save", not config.get("modules_to_save")),
+        ("layers_to_transform", config.get("layers_to_transform") is None),
+        ("trainable_token_indices", not config.get("trainable_token_indices")),
+    ]
+    for field, ok in checks:
+        if not ok:
+            raise AdapterFormatError(
+                f"{source}: {field}={config.get(field)!r} is not supported by ftjax's importer"
+            )
+    init = config.get("init_lora_weights", True)
+    if isinstance(init, str):
+        # Weights saved under such an init are relative to a rewritten base
+        # (PiSSA's residual, ...), not the checkpoint the user holds.
+        raise AdapterFormatError(
+            f"{source}: init_lora_weights={init!r}: this adapter is relative to a modified base; "
+            "convert it to plain LoRA first (PEFT: path_initial_model_for_weight_conversion)"
+        )
+
+
+def load_adapter(cfg: ModelConfig, params, in_dir: str, *, compute: str = "factored"):
+    """`params` (plain base params of `cfg`) with the adapter of `in_dir` inserted.
+
+    Each adapted kernel becomes a `LoraWeight` (or `DoraWeight`) with the scale
+    the config implies; scanned params get stacked adapters.
+
+    >>> params = load_adapter(model.cfg, base_params, "hf_adapter/")
+    >>> logits = model.apply({"params": params}, ids)
+    """
+    config, tensors = read_adapter(in_dir)
+    _refuse_unsupported(config, in_dir)
+    modules = _group(tensors, in_dir)
+    _validate(config, modules, in_dir)
+    scale = lora_scale(config["lora_alpha"], config["r"], bool(config.get("use_rslora", False)))
+    rate = float(config.get("lora_dropout", 0.0) or 0.0) if compute == "factored" else 0.0
+    flat = _unstacked(cfg, params)
+    by_module = {_module(cfg, p): p for p in kernel_paths(flat)}
+    kernels = dict(flatten_paths(flat))
+    new = {}
+    for module, parts in sorted(modules.items()):
+        if module not in by_module:
+            raise AdapterFormatError(
+                f"{in_dir}: module {module!r} is not a linear layer of this {cfg.model_type} model"
+            )
+        path = by_module[module]
+        w = kernels[path]
+        dtype = w.dtype
+        a, b = np.asarray(parts["a"]).T, np.asarray(parts["b"]).T
+        if (a.shape[0], b.shape[1]) != tuple(w.shape[-2:]):
+            raise AdapterFormatError(
+                f"{in_dir}: module {module!r} adapter is {a.shape[0]}->{b.shape[1]}, "
+                f"but the kernel is {tuple(w.shape)}"
+            )
+        a, b = jnp.asarray(a, dtype), jnp.asarray(b, dtype)
+        if "m" in parts:
+            m = jnp.asarray(np.asarray(parts["m"]), dtype)
+            new[path] = DoraWeight(w, a, b, m, scale, rate, compute)
+        else:
+            new[path] = LoraWeight(w, a, b, scale, rate, compute)
+    out = replace_leaves(flat, new)
+    return stack_layers(cfg, out) if cfg.scan_layers else out
+
+
+def pissa_to_lora(params, initial):
+    """Rewrites trained PiSSA adapters as plain LoRA over the original weights.
+
+    `initial` is the tree PiSSA's `apply` returned before training (PiSSA's
+    init is deterministic, so `method.apply(base_params, rng)` recomputes it).
+    Each leaf becomes rank 2r: `a' = [a, a0]`, `b' = [b; -b0]`, `w' = W`.
+
+    >>> lora_params = pissa_to_lora(trained, method.apply(base, rng))
+    >>> save_adapter(cfg, lora_params, "out")
+    """
+    return jax.tree.map(
+        lambda t, i: pissa_to_lora_leaf(t, i) if isinstance(t, LoraWeight) else t,
+        params,
+        initial,
+        is_leaf=is_leaf,
+    )

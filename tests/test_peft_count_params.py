@@ -1,0 +1,54 @@
+"""scripts/count_params.py on the LoRA paper's settings: the four exact counts,
+from shapes only, through the real command line."""
+
+import os
+import subprocess
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def run(*args):
+    return subprocess.run(
+        [sys.executable, os.path.join(ROOT, "scripts", "count_params.py"), *args],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        env={**os.environ, "JAX_PLATFORMS": "cpu"},
+        timeout=300,
+    )
+
+
+def test_lora_paper_counts(tmp_path):
+    result = run("--config=experiments/lora_paper/param_counts.py", f"--workdir={tmp_path}")
+    assert result.returncode == 0, result.stderr
+    rows = [line for line in result.stdout.splitlines() if line.startswith("| GPT")]
+    expected = {
+        "GPT-2 Medium, r=4, q+v": ("393,216", "0.35M"),
+        "GPT-2 Large, r=4, q+v": ("737,280", "0.77M"),
+        "GPT-3 175B, r=1, q+v": ("4,718,592", "4.7M"),
+        "GPT-3 175B, r=8, q+v": ("37,748,736", "37.7M"),
+    }
+    assert len(rows) == 4
+    for row in rows:
+        cells = [c.strip() for c in row.strip("|").split("|")]
+        title, trainable, want, paper = cells[:4]
+        assert (trainable, paper) == expected[title] and want == trainable
+    # GPT-3 175B's total is its published size, so the real config was counted.
+    assert rows[2].split("|")[5].strip().startswith("174,6")
+    with open(tmp_path / "param_counts.md") as f:
+        assert f.read().strip() == "\n".join(
+            line for line in result.stdout.splitlines() if line.startswith("|")
+        )
+
+
+def test_bad_method_is_one_error_line():
+    result = run(
+        "--config=experiments/lora_paper/param_counts.py:gpt2_medium",
+        "--config.settings.gpt2_medium.method.name=lroa",
+    )
+    assert result.returncode != 0
+    lines = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert lines == [
+        "error: peft.name: unknown method 'lroa'; known: bitfit, dora, freeze, full, lora, qlora"
+    ]
