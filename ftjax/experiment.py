@@ -132,19 +132,39 @@ def default_eval_config() -> ml_collections.ConfigDict:
     )
 
 
-def exact_match_on(model, params, tokenizer, prompts, answers, ecfg) -> float:
-    from ftjax.eval import generate_text
+def encode_prompts(tokenizer, prompts, add_bos: bool = True) -> list[list[int]]:
+    """Prompt token ids exactly as the data pipeline builds them for training
+    (BOS added by hand when the tokenizer has one, no EOS): a mismatch here
+    would measure the tokenization, not the model."""
+    bos = [tokenizer.bos_token_id] if add_bos and tokenizer.bos_token_id is not None else []
+    return [bos + tokenizer.encode(p, add_special_tokens=False) for p in prompts]
 
-    correct = 0
-    for i in range(0, len(prompts), ecfg.batch_size):
-        outs = generate_text(
+
+def generate_answers(model, params, tokenizer, prompts, ecfg, add_bos: bool = True) -> list[str]:
+    from ftjax.eval import generate
+
+    stop = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    encoded = encode_prompts(tokenizer, prompts, add_bos)
+    texts = []
+    for i in range(0, len(encoded), ecfg.batch_size):
+        out = generate(
             model,
             params,
-            tokenizer,
-            list(prompts[i : i + ecfg.batch_size]),
+            encoded[i : i + ecfg.batch_size],
             max_new_tokens=ecfg.max_new_tokens,
+            stop_tokens=stop,
+            pad_id=pad,
         )
-        correct += sum(o.strip() == a.strip() for o, a in zip(outs, answers[i : i + ecfg.batch_size]))
+        texts += tokenizer.batch_decode(out.sequences(strip_stop=True), skip_special_tokens=True)
+    return texts
+
+
+def exact_match_on(model, params, tokenizer, prompts, answers, ecfg, add_bos: bool = True) -> float:
+    """Share of prompts whose greedy answer equals the reference exactly
+    (whitespace-stripped; the synthetic tasks are case- and punctuation-exact)."""
+    outs = generate_answers(model, params, tokenizer, list(prompts), ecfg, add_bos)
+    correct = sum(o.strip() == a.strip() for o, a in zip(outs, answers))
     return correct / max(len(prompts), 1)
 
 
@@ -171,7 +191,8 @@ def evaluate_run(result, cfg, workdir: str) -> dict:
                 n = min(len(rows), ecfg.max_examples or len(rows))
                 rows = rows.select(range(n))
                 out[f"{side}/{name}/exact_match"] = exact_match_on(
-                    model, params, pipe.tokenizer, rows["prompt"], rows["answer"], ecfg
+                    model, params, pipe.tokenizer, rows["prompt"], rows["answer"], ecfg,
+                    add_bos=bool(cfg.data.add_bos),
                 )
     for name in pipe.eval_names:
         out[f"forgetting/{name}/loss_increase"] = out[f"final/{name}/loss"] - out[f"base/{name}/loss"]

@@ -58,8 +58,12 @@ def method_label(summary: dict) -> str:
         parts.append(f"r={m['rank']}")
     if m.get("targets") and name not in ("full", "bitfit", "freeze"):
         parts.append(str(m["targets"]))
-    if name == "freeze" and m.get("pattern"):
-        parts.append(str(m["pattern"]))
+    if m.get("init") not in (None, "kaiming"):
+        parts.append(f"init={m['init']}")
+    if m.get("rslora"):
+        parts.append("rslora")
+    if name == "freeze":
+        parts.append(f"last {m['last_layers']}" if m.get("last_layers") else str(m.get("trainable")))
     return " ".join(parts)
 
 

@@ -102,11 +102,24 @@ def substitute(cfg: ml_collections.ConfigDict, sweep_dir: str) -> None:
             cfg[key] = value.replace("{sweep_dir}", sweep_dir)
 
 
-def expand(study, sweep_dir: str) -> tuple[list[RunSpec], list[RunSpec]]:
-    """(prerequisite runs, sweep runs), each with its config built and checked."""
+def _call_with_arg(fn, study_arg: str):
+    """get_sweep()/get_prerequisites() may take the study-level arg (e.g. quick=1)."""
+    import inspect
+
+    return fn(study_arg) if inspect.signature(fn).parameters else fn()
+
+
+def _join_args(*args) -> str:
+    return ",".join(a for a in args if a)
+
+
+def expand(study, sweep_dir: str, study_arg: str = "") -> tuple[list[RunSpec], list[RunSpec]]:
+    """(prerequisite runs, sweep runs), each with its config built and checked.
+
+    `study_arg` (from --config=study.py:ARG) is prepended to every run's arg."""
 
     def build(overrides: dict, origin: str) -> ml_collections.ConfigDict:
-        cfg = study.get_config(overrides.get("arg"))
+        cfg = study.get_config(_join_args(study_arg, overrides.get("arg")) or None)
         for k, v in overrides.items():
             if k not in ("arg", "name"):
                 set_path(cfg, k, v, origin)
@@ -114,9 +127,9 @@ def expand(study, sweep_dir: str) -> tuple[list[RunSpec], list[RunSpec]]:
         return cfg
 
     prereqs = []
-    for name, arg in getattr(study, "get_prerequisites", lambda: [])():
+    for name, arg in _call_with_arg(getattr(study, "get_prerequisites", lambda: []), study_arg):
         prereqs.append(RunSpec(name, build({"arg": arg}, f"prerequisite {name}"), {"arg": arg}))
-    sweep = getattr(study, "get_sweep", lambda: [{}])()
+    sweep = _call_with_arg(getattr(study, "get_sweep", lambda: [{}]), study_arg)
     runs = []
     for i, overrides in enumerate(sweep):
         name = overrides.get("name") or run_name(overrides)
@@ -158,7 +171,8 @@ def run_sweep(
     `run_one(spec, run_dir)` trains and evaluates one run and returns its
     summary; interrupted runs resume from their checkpoints."""
     study = load_study(config_path)
-    prereqs, runs = expand(study, sweep_dir)
+    study_arg = config_path.split(":", 1)[1] if ":" in config_path else ""
+    prereqs, runs = expand(study, sweep_dir, study_arg)
     if emit == "commands":
         # Prerequisites first: a scheduler runs the first line, then the array.
         for spec in prereqs + runs:

@@ -9,7 +9,26 @@ import sys
 USER_ERRORS = (ValueError, FileNotFoundError, KeyError, TypeError, AttributeError)
 
 
+def quiet_libraries() -> None:
+    """orbax and datasets log every checkpoint step and map at INFO; the run's
+    own progress lines are what a user wants to read."""
+    import logging as py_logging
+
+    from absl import logging
+
+    logging.set_verbosity(logging.WARNING)
+    for name in ("orbax", "absl", "datasets", "jax._src.xla_bridge"):
+        py_logging.getLogger(name).setLevel(py_logging.WARNING)
+    try:
+        import datasets
+
+        datasets.disable_progress_bars()
+    except ImportError:
+        pass
+
+
 def run_main(main_fn, argv) -> None:
+    quiet_libraries()
     try:
         main_fn(argv)
     except USER_ERRORS as e:

@@ -29,12 +29,15 @@ def main(argv):
     from ftjax.experiment import evaluate_run
     from ftjax.sweep import run_sweep
     from ftjax.train import train
+    from ftjax.train.loop import write_summary
 
     def run_one(spec, run_dir):
         result = train(spec.config, run_dir, quiet=_QUIET.value)
         if result.summary.get("status") != "completed":
             sys.exit(0)  # preempted: the checkpoint is saved; rerun to resume
         if spec.config.study.stage == "pretrain":
+            result.summary["role"] = "prerequisite"  # the report leaves it out
+            write_summary(run_dir, result.summary)
             return result.summary
         evaluate_run(result, spec.config, run_dir)
         return result.summary

@@ -94,7 +94,15 @@ def get_prerequisites():
     return [("base", "stage=pretrain")]
 
 
-def get_sweep():
+def get_sweep(arg=None):
+    if "quick=1" in (arg or ""):
+        # The end-to-end test: a few methods, two seeds for one of them.
+        return [
+            {"arg": "method=full", "train.seed": 0},
+            {"arg": "method=full", "train.seed": 1},
+            {"arg": "method=lora,rank=4", "train.seed": 0},
+            {"arg": "method=qlora,rank=4", "train.seed": 0},
+        ]
     methods = [
         "method=full",
         "method=lora,rank=4",

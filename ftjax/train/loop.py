@@ -138,10 +138,13 @@ def train(cfg, workdir: str, quiet: bool = False) -> RunResult:
     t_start = time.time()
     seed = int(cfg.train.seed)
     model, base_params, base_identity = load_base(cfg.model, seed)
+    # A host copy: the device state is donated to each step, and the base is
+    # needed afterwards (forgetting baselines, weight analysis).
+    base_params = jax.device_get(base_params)
     pipeline = build_pipeline(
         cfg.data, process_index=jax.process_index(), process_count=jax.process_count()
     )
-    metrics_lib.log(f"data: {pipeline.stats_line()}")
+    metrics_lib.log(pipeline.stats_line())
 
     method = peft.build_method(cfg.method)
     rng_method, rng_train = jax.random.split(jax.random.key(seed + 1))

@@ -1,0 +1,140 @@
+"""The benchmark's quick path, in process on a tiny model: every job runs, the
+results are well formed, and the FLOPs and trainable counts it reports equal
+closed forms computed here from the config alone. Nothing about speed is
+asserted: timings on a shared CPU are noise."""
+
+import importlib.util
+import math
+
+import pytest
+
+from ftjax import bench
+
+RANK = 4
+HAS_TORCH = all(importlib.util.find_spec(m) for m in ("torch", "transformers", "peft"))
+
+
+@pytest.fixture(scope="module")
+def results():
+    cfg = bench.BenchConfig(
+        preset="tiny",
+        batch=2,
+        seq=16,
+        steps=2,
+        warmup=0,
+        methods=("full", "lora", "qlora"),
+        rank=RANK,
+        decode_tokens=2,
+        peak_matmul=128,
+        memory_preset="",
+        isolate=False,
+        torch=HAS_TORCH,
+        profile=True,
+        peak_flops=1e12,
+    )
+    return bench.run(cfg, log=lambda msg: None)
+
+
+def llama_matmul_params(m) -> int:
+    """Weights in matmuls: q, k, v, o, gate, up, down per layer and the output head."""
+    d, inter, hd = m["hidden_size"], m["intermediate_size"], m["hidden_size"] // m["num_heads"]
+    q = o = d * m["num_heads"] * hd
+    kv = 2 * d * m["num_kv_heads"] * hd
+    return m["num_layers"] * (q + kv + o + 3 * d * inter) + d * m["vocab_size"]
+
+
+def lora_trainable(m, r) -> int:
+    """sum over adapted (in, out) kernels of r * (in + out), all-linear targets."""
+    d, inter, hd = m["hidden_size"], m["intermediate_size"], m["hidden_size"] // m["num_heads"]
+    h, k = m["num_heads"] * hd, m["num_kv_heads"] * hd
+    shapes = [(d, h), (d, k), (d, k), (h, d), (d, inter), (d, inter), (inter, d)]
+    return m["num_layers"] * sum(r * (i + o) for i, o in shapes)
+
+
+def rows(results):
+    return {(r["framework"], r["method"]): r for r in results["train"]}
+
+
+def test_every_job_ran_and_reports_positive_times(results):
+    expected = {("ftjax", m) for m in ("full", "lora", "qlora")}
+    if HAS_TORCH:
+        expected |= {("torch", "full"), ("torch", "lora")}
+    assert set(rows(results)) == expected
+    for r in results["train"]:
+        assert r["error"] is None, r["error"]
+        assert len(r["step_s_rounds"]) == 2 and all(t > 0 for t in r["step_s_rounds"])
+        assert r["compile_s"] > 0 and r["tokens_per_s"] > 0
+        assert r["peak_flops_measured"] > 0 and 0 < r["mfu_measured_peak"]
+        assert r["mfu_datasheet"] > 0
+        assert math.isfinite(r["loss"])
+    for r in results["inference"]:
+        assert r["error"] is None, r["error"]
+        assert r["prefill_s"] > 0 and r["decode_s_per_token"] >= 0
+    assert len(results["goals"]) == 5
+    assert all(g["met"] in (True, False, None) for g in results["goals"])
+
+
+def test_full_tuning_flops_are_6n_plus_attention(results):
+    m = results["model"]
+    n = llama_matmul_params(m)
+    attention = 12 * m["num_layers"] * results["config"]["seq"] * m["hidden_size"]
+    full = rows(results)[("ftjax", "full")]
+    assert full["flops_per_token"] == 6 * n + attention
+    # XLA's own count of the compiled step is at least the model FLOPs' order.
+    assert full["xla_flops_per_token"] > 0.5 * full["flops_per_token"]
+    # LoRA skips the frozen weights' gradients: fewer model FLOPs than full.
+    assert rows(results)[("ftjax", "lora")]["flops_per_token"] < full["flops_per_token"]
+
+
+def test_lora_trainable_count_is_closed_form(results):
+    want = lora_trainable(results["model"], RANK)
+    assert rows(results)[("ftjax", "lora")]["trainable"] == want
+    assert rows(results)[("ftjax", "qlora")]["trainable"] == want
+    if HAS_TORCH:  # PEFT's all-linear adapts the same matrices
+        assert rows(results)[("torch", "lora")]["trainable"] == want
+        assert (
+            rows(results)[("torch", "full")]["trainable"]
+            == rows(results)[("ftjax", "full")]["trainable"]
+        )
+
+
+def test_ratios_and_profile_and_table(results):
+    r = rows(results)
+    assert r[("ftjax", "full")]["speedup_vs_full"] == pytest.approx(1.0)
+    assert r[("ftjax", "lora")]["speedup_vs_full"] > 0
+    if HAS_TORCH:
+        assert r[("ftjax", "full")]["speedup_vs_torch"] > 0
+    profile = r[("ftjax", "full")]["profile"]
+    assert profile["by_kind"].get("matmul", 0) > 0 and profile["top_ops"]
+    table = bench.markdown(results)
+    assert "| ftjax | lora |" in table and "| goal |" in table
+
+
+def test_hlo_op_kinds():
+    hlo = """HloModule m
+
+%fused_dot (p0: f32[4,4], p1: f32[4,4]) -> f32[4,4] {
+  %p0 = f32[4,4]{1,0} parameter(0)
+  %p1 = f32[4,4]{1,0} parameter(1)
+  ROOT %dot.1 = f32[4,4]{1,0} dot(%p0, %p1), lhs_contracting_dims={1}, rhs_contracting_dims={0}
+}
+
+%fused_add (p0: f32[4,4]) -> f32[4,4] {
+  %p0 = f32[4,4]{1,0} parameter(0)
+  ROOT %add.1 = f32[4,4]{1,0} add(%p0, %p0)
+}
+
+ENTRY %main (a: f32[4,4]) -> f32[4,4] {
+  %a = f32[4,4]{1,0} parameter(0)
+  %mm_fusion = f32[4,4]{1,0} fusion(%a, %a), kind=kOutput, calls=%fused_dot
+  ROOT %loop_fusion = f32[4,4]{1,0} fusion(%mm_fusion), kind=kLoop, calls=%fused_add
+}
+"""
+    kinds = bench._hlo_ops(hlo)
+    assert kinds["mm_fusion"] == "matmul"
+    assert kinds["loop_fusion"] == "elementwise"
+
+
+def test_bad_preset_is_one_clear_error():
+    with pytest.raises(ValueError, match=r"preset='7b'; expected one of tiny"):
+        bench.BenchConfig(preset="7b").model_fields()
