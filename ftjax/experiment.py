@@ -14,7 +14,6 @@ import tempfile
 
 import jax
 import ml_collections
-import numpy as np
 
 from ftjax.train.optim import ConfigError
 
@@ -22,11 +21,26 @@ from ftjax.train.optim import ConfigError
 # the runs (tokens, steps, schedule) stays matched across an ablation.
 METHOD_PRESETS = {
     "full": {"method": {"name": "full"}, "lr_scale": 1.0},
-    "lora": {"method": {"name": "lora", "rank": 16, "alpha": 32, "targets": "all-linear"}, "lr_scale": 10.0},
-    "dora": {"method": {"name": "dora", "rank": 16, "alpha": 32, "targets": "all-linear"}, "lr_scale": 10.0},
-    "qlora": {"method": {"name": "qlora", "rank": 16, "alpha": 32, "targets": "all-linear"}, "lr_scale": 10.0},
+    "lora": {
+        "method": {"name": "lora", "rank": 16, "alpha": 32, "targets": "all-linear"},
+        "lr_scale": 10.0,
+    },
+    "dora": {
+        "method": {"name": "dora", "rank": 16, "alpha": 32, "targets": "all-linear"},
+        "lr_scale": 10.0,
+    },
+    "qlora": {
+        "method": {"name": "qlora", "rank": 16, "alpha": 32, "targets": "all-linear"},
+        "lr_scale": 10.0,
+    },
     "pissa": {
-        "method": {"name": "lora", "rank": 16, "alpha": 16, "init": "pissa", "targets": "all-linear"},
+        "method": {
+            "name": "lora",
+            "rank": 16,
+            "alpha": 16,
+            "init": "pissa",
+            "targets": "all-linear",
+        },
         "lr_scale": 2.0,
     },
     "bitfit": {"method": {"name": "bitfit"}, "lr_scale": 10.0},
@@ -47,7 +61,7 @@ _METHOD_OPTION_TYPES = {
 
 
 def parse_arg(arg: str | None) -> dict[str, str]:
-    """"method=lora,rank=16" -> {"method": "lora", "rank": "16"}."""
+    """ "method=lora,rank=16" -> {"method": "lora", "rank": "16"}."""
     out = {}
     for part in (arg or "").split(","):
         part = part.strip()
@@ -89,13 +103,17 @@ def cache_dir() -> str:
     return os.environ.get("FTJAX_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "ftjax"))
 
 
-def ensure_suite(seed: int = 0, label_noise: float = 0.0, root: str | None = None, **sizes) -> tuple[dict, str]:
+def ensure_suite(
+    seed: int = 0, label_noise: float = 0.0, root: str | None = None, **sizes
+) -> tuple[dict, str]:
     """The synthetic suite and its tokenizer, written once per (seed, sizes,
     noise) into the cache and reused; built in a temporary directory and
     renamed, so concurrent or interrupted builds never leave a partial suite."""
     from ftjax.data import build_char_tokenizer, write_suite
 
-    key = "-".join([f"seed{seed}", f"noise{label_noise:g}"] + [f"{k}{v}" for k, v in sorted(sizes.items())])
+    key = "-".join(
+        [f"seed{seed}", f"noise{label_noise:g}"] + [f"{k}{v}" for k, v in sorted(sizes.items())]
+    )
     final = os.path.join(root or cache_dir(), "suites", key)
     if not os.path.exists(os.path.join(final, "done")):
         os.makedirs(os.path.dirname(final), exist_ok=True)
@@ -168,7 +186,7 @@ def exact_match_on(model, params, tokenizer, prompts, answers, ecfg, add_bos: bo
     return correct / max(len(prompts), 1)
 
 
-def evaluate_run(result, cfg, workdir: str) -> dict:
+def evaluate_run(result, cfg, workdir: str, update_summary: bool = True) -> dict:
     """Before/after metrics on every eval set, forgetting, and weight analysis;
     merged into summary.json and written to eval.json. Keys as `report.py` reads."""
     from ftjax import peft
@@ -191,11 +209,18 @@ def evaluate_run(result, cfg, workdir: str) -> dict:
                 n = min(len(rows), ecfg.max_examples or len(rows))
                 rows = rows.select(range(n))
                 out[f"{side}/{name}/exact_match"] = exact_match_on(
-                    model, params, pipe.tokenizer, rows["prompt"], rows["answer"], ecfg,
+                    model,
+                    params,
+                    pipe.tokenizer,
+                    rows["prompt"],
+                    rows["answer"],
+                    ecfg,
                     add_bos=bool(cfg.data.add_bos),
                 )
     for name in pipe.eval_names:
-        out[f"forgetting/{name}/loss_increase"] = out[f"final/{name}/loss"] - out[f"base/{name}/loss"]
+        out[f"forgetting/{name}/loss_increase"] = (
+            out[f"final/{name}/loss"] - out[f"base/{name}/loss"]
+        )
         if ecfg.exact_match:
             out[f"forgetting/{name}/exact_match_drop"] = (
                 out[f"base/{name}/exact_match"] - out[f"final/{name}/exact_match"]
@@ -216,11 +241,15 @@ def evaluate_run(result, cfg, workdir: str) -> dict:
                 json.dump(report, f, default=float)
         except ValueError as e:  # e.g. nothing changed (a 0-step run)
             out["analysis/error"] = str(e)
+    study = cfg.get("study", {})
+    for key in ("variant", "label"):  # how the report names and groups this run
+        if study.get(key):
+            out[key] = study.get(key)
     if jax.process_index() == 0:
         with open(os.path.join(workdir, "eval.json"), "w") as f:
             json.dump(out, f, indent=2, sort_keys=True)
-        summary = {**result.summary, **out}
-        write_summary(workdir, summary)
+        if update_summary:
+            write_summary(workdir, {**result.summary, **out})
         result.summary.update(out)
     return out
 
@@ -237,6 +266,7 @@ def memorization(model, params, tokenizer, cfg, ecfg) -> dict:
         return {"extra/memorized_wrong": 0.0, "extra/corrupted_recovered": float("nan")}
     prompts = [c["prompt"] for c in corrupted]
     wrong = exact_match_on(model, params, tokenizer, prompts, [c["wrong"] for c in corrupted], ecfg)
-    right = exact_match_on(model, params, tokenizer, prompts, [c["answer"] for c in corrupted], ecfg)
+    right = exact_match_on(
+        model, params, tokenizer, prompts, [c["answer"] for c in corrupted], ecfg
+    )
     return {"extra/memorized_wrong": wrong, "extra/corrupted_recovered": right}
-

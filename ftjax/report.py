@@ -63,7 +63,9 @@ def method_label(summary: dict) -> str:
     if m.get("rslora"):
         parts.append("rslora")
     if name == "freeze":
-        parts.append(f"last {m['last_layers']}" if m.get("last_layers") else str(m.get("trainable")))
+        parts.append(
+            f"last {m['last_layers']}" if m.get("last_layers") else str(m.get("trainable"))
+        )
     return " ".join(parts)
 
 

@@ -1,6 +1,6 @@
 """Aggregate a sweep's run directories into report.md and PNG plots.
 
-    python scripts/report.py --workdir=runs/forgetting
+python scripts/report.py --workdir=runs/forgetting
 """
 
 import os
@@ -8,9 +8,8 @@ import sys
 
 sys.path.insert(0, os.path.dirname(__file__))
 
-from absl import app, flags  # noqa: E402
-
 from _cli import run_main  # noqa: E402
+from absl import app, flags  # noqa: E402
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "Sweep directory holding run directories.")
 _TARGET = flags.DEFINE_string("target", "target", "Eval set that measures learning.")

@@ -12,9 +12,8 @@ import sys
 
 sys.path.insert(0, os.path.dirname(__file__))
 
-from absl import app, flags  # noqa: E402
-
 from _cli import run_main  # noqa: E402
+from absl import app, flags  # noqa: E402
 
 _CONFIG = flags.DEFINE_string("config", None, "Experiment (study) file with get_config/get_sweep.")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Sweep directory; one sub-directory per run.")

@@ -19,9 +19,9 @@ from ftjax.models import (
     build_model,
     from_pretrained,
     init_kv_cache,
+    safetensors_io,
     save_pretrained,
 )
-from ftjax.models import safetensors_io
 
 FAMILIES = sorted(TINY_CONFIGS)
 
@@ -114,7 +114,9 @@ def test_kv_cache_decoding_equals_full_forward(checkpoints, family):
     ids, mask = _inputs()
     full = np.asarray(model.apply({"params": params}, ids, attention_mask=mask))
     cache = init_kv_cache(model.cfg, 2, 16)
-    logits, cache = model.apply({"params": params}, ids[:, :8], attention_mask=mask[:, :8], cache=cache)
+    logits, cache = model.apply(
+        {"params": params}, ids[:, :8], attention_mask=mask[:, :8], cache=cache
+    )
     steps = [np.asarray(logits)]
     for t in range(8, 12):
         logits, cache = model.apply(

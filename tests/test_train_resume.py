@@ -8,7 +8,6 @@ import sys
 import time
 
 import chex
-
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -22,15 +21,20 @@ CONSTANT_LR = ("--config.optim.schedule=constant",)
 
 def train_cmd(workdir, arg="method=full", *extra):
     return [
-        sys.executable, os.path.join(ROOT, "scripts", "train.py"),
-        f"--config={CONFIG}:{arg}", f"--workdir={workdir}", *extra,
+        sys.executable,
+        os.path.join(ROOT, "scripts", "train.py"),
+        f"--config={CONFIG}:{arg}",
+        f"--workdir={workdir}",
+        *extra,
     ]
 
 
 def run(workdir, arg="method=full", env_extra=None, *extra, check=True):
     env = {**os.environ, **(env_extra or {})}
     env.pop("XLA_FLAGS", None)  # one device: bit-exact comparisons across processes
-    proc = subprocess.run(train_cmd(workdir, arg, *extra), env=env, capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(
+        train_cmd(workdir, arg, *extra), env=env, capture_output=True, text=True, timeout=600
+    )
     if check and proc.returncode != 0:
         raise AssertionError(f"train.py failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
     return proc
@@ -76,11 +80,16 @@ def test_sigterm_saves_and_resumes_bit_identical(reference, tmp_path):
     # Slow steps down so SIGTERM lands mid-run, after the first steps.
     proc = subprocess.Popen(
         train_cmd(str(tmp_path), "method=full", "--config.train.steps=400", *CONSTANT_LR),
-        env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
     )
     deadline = time.time() + 300
     metrics = tmp_path / "metrics.jsonl"
-    while time.time() < deadline and not (metrics.exists() and metrics.read_text().count("\n") >= 3):
+    while time.time() < deadline and not (
+        metrics.exists() and metrics.read_text().count("\n") >= 3
+    ):
         time.sleep(0.2)
     proc.send_signal(signal.SIGTERM)
     out, err = proc.communicate(timeout=300)
@@ -120,4 +129,3 @@ def test_bad_flag_values_give_one_line(tmp_path):
     assert proc.stderr.strip().splitlines()[-1].startswith("error: optim.name='adamz'")
     proc = run(str(tmp_path / "b"), "method=full", None, "--config.parallel.mode=ddp", check=False)
     assert proc.returncode == 2 and "parallel.mode='ddp'" in proc.stderr
-

@@ -22,8 +22,13 @@ def get_config(arg=None):
     )
     cfg = default_config()
     cfg.model.init.update(
-        vocab_size=128, hidden_size=32, intermediate_size=64, num_layers=2, num_heads=4,
-        num_kv_heads=2, max_position_embeddings=128,
+        vocab_size=128,
+        hidden_size=32,
+        intermediate_size=64,
+        num_layers=2,
+        num_heads=4,
+        num_kv_heads=2,
+        max_position_embeddings=128,
     )
     cfg.data = suite_data_config(paths, tokenizer, general_weight=1.0, target_weight=1.0)
     cfg.data.batch_size = 8

@@ -1,0 +1,54 @@
+"""Evaluate a run's latest or best checkpoint (or its base model) and write
+eval.json: loss, perplexity, token accuracy and exact match on every eval set,
+before/after comparison (forgetting) and the weight analysis.
+
+    python scripts/evaluate.py --workdir=runs/forgetting/method=lora,rank=16,seed=0
+    python scripts/evaluate.py --workdir=RUN --checkpoint=best
+    python scripts/evaluate.py --workdir=RUN --base_only     # the model before fine-tuning
+"""
+
+import json
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(__file__))
+
+from _cli import run_main  # noqa: E402
+from absl import app, flags  # noqa: E402
+
+_WORKDIR = flags.DEFINE_string("workdir", None, "Run directory (holds config.json, checkpoints/).")
+_CHECKPOINT = flags.DEFINE_string("checkpoint", "latest", "latest, best, or a step number.")
+_BASE_ONLY = flags.DEFINE_bool("base_only", False, "Evaluate the base model, not the checkpoint.")
+_OUT = flags.DEFINE_string("out", "", "Output file (default <workdir>/eval.json).")
+flags.mark_flags_as_required(["workdir"])
+
+
+def main(argv):
+    del argv
+    from ftjax.data import build_pipeline
+    from ftjax.experiment import default_eval_config, evaluate_run
+    from ftjax.train.loop import RunResult
+    from ftjax.train.restore import load_run_config, restore_run
+
+    cfg = load_run_config(_WORKDIR.value)
+    if "eval" not in cfg:
+        cfg.eval = default_eval_config()
+    model, params, base, step = restore_run(cfg, _WORKDIR.value, _CHECKPOINT.value)
+    if _BASE_ONLY.value:
+        params = base
+        cfg.eval.analysis = False
+    pipeline = build_pipeline(cfg.data)
+    out_dir = os.path.dirname(_OUT.value) if _OUT.value else _WORKDIR.value
+    result = RunResult({"checkpoint_step": step}, model, params, base, pipeline)
+    metrics = evaluate_run(result, cfg, out_dir or ".", update_summary=False)
+    metrics = {"checkpoint_step": None if _BASE_ONLY.value else step, **metrics}
+    path = _OUT.value or os.path.join(_WORKDIR.value, "eval.json")
+    with open(path, "w") as f:
+        json.dump(metrics, f, indent=2, sort_keys=True)
+    shown = {k: round(v, 4) for k, v in metrics.items() if isinstance(v, float) and "/" in k}
+    print(json.dumps(shown, indent=1))
+    print(f"eval: {path}")
+
+
+if __name__ == "__main__":
+    app.run(lambda argv: run_main(main, argv))

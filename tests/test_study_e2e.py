@@ -1,0 +1,138 @@
+"""The forgetting study's quick variant end to end: sweep (with its
+pre-training prerequisite), evaluation, report; and the sweep runner's
+skip/emit/validation behaviour."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+STUDY = os.path.join(ROOT, "experiments", "forgetting", "study.py")
+
+
+def script(name, *args, check=True):
+    env = {**os.environ}
+    env.pop("XLA_FLAGS", None)
+    proc = subprocess.run(
+        [sys.executable, os.path.join(ROOT, "scripts", name), *args],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    if check and proc.returncode != 0:
+        raise AssertionError(f"{name} failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-3000:]}")
+    return proc
+
+
+@pytest.fixture(scope="module")
+def sweep_dir(tmp_path_factory):
+    d = tmp_path_factory.mktemp("sweep")
+    script("sweep.py", f"--config={STUDY}:quick=1", f"--workdir={d}", "--quiet")
+    return d
+
+
+def test_every_run_has_its_files(sweep_dir):
+    runs = sorted(p for p in os.listdir(sweep_dir) if (sweep_dir / p).is_dir())
+    assert runs == [
+        "base",
+        "method=full,seed=0",
+        "method=full,seed=1",
+        "method=lora,rank=4,seed=0",
+        "method=qlora,rank=4,seed=0",
+    ]
+    for run in runs:
+        for f in ("config.json", "metrics.jsonl", "summary.json"):
+            assert (sweep_dir / run / f).exists(), (run, f)
+    s = json.loads((sweep_dir / "method=lora,rank=4,seed=0" / "summary.json").read_text())
+    for key in (
+        "base/general/exact_match",
+        "final/target/exact_match",
+        "forgetting/general/exact_match_drop",
+        "analysis/energy_rank_90",
+    ):
+        assert key in s, key
+    # Forgetting is exactly base minus final, from the same evaluation.
+    assert s["forgetting/general/exact_match_drop"] == pytest.approx(
+        s["base/general/exact_match"] - s["final/general/exact_match"]
+    )
+    # LoRA changes the adapted matrices with rank at most r.
+    assert 1 <= s["analysis/energy_rank_90"] <= 4
+    assert (sweep_dir / "method=lora,rank=4,seed=0" / "adapter" / "adapter_config.json").exists()
+    # The base model was exported in HF layout for the fine-tuning runs.
+    assert (sweep_dir / "base" / "hf" / "model.safetensors").exists()
+
+
+def test_report_tables_and_plots(sweep_dir):
+    out = script("report.py", f"--workdir={sweep_dir}")
+    assert "report.md" in out.stdout
+    md = (sweep_dir / "report.md").read_text()
+    assert "| full | 2 |" in md  # two seeds aggregated into one row
+    assert "± " in md
+    assert "lora r=4 all-linear" in md and "qlora r=4 all-linear" in md
+    assert "## Findings" in md and "Pareto front" in md
+    for png in (
+        "learning_vs_forgetting.png",
+        "training_curves.png",
+        "target_vs_params.png",
+        "weight_analysis.png",
+    ):
+        assert (sweep_dir / png).stat().st_size > 1000, png
+    assert "base" not in [
+        line.split("|")[1].strip() for line in md.splitlines() if line.startswith("| ")
+    ]
+
+
+def test_finished_runs_are_skipped(sweep_dir):
+    out = script("sweep.py", f"--config={STUDY}:quick=1", f"--workdir={sweep_dir}", "--quiet")
+    assert out.stdout.count("finished, skipped") == 5
+
+
+def test_emit_commands(sweep_dir):
+    out = script(
+        "sweep.py", f"--config={STUDY}:quick=1", f"--workdir={sweep_dir}", "--emit=commands"
+    )
+    lines = out.stdout.strip().splitlines()
+    assert len(lines) == 5 and "--only=base" in lines[0]
+    assert all("scripts/sweep.py" in line and f"--workdir={sweep_dir}" in line for line in lines)
+
+
+def test_bad_study_arg_is_one_line(tmp_path):
+    out = script(
+        "sweep.py", f"--config={STUDY}:quick=1,methd=lora", f"--workdir={tmp_path}", check=False
+    )
+    assert out.returncode == 2
+    assert (
+        out.stderr.strip()
+        .splitlines()[-1]
+        .startswith("error: config arg: unknown key(s) ['methd']")
+    )
+    out = script("sweep.py", "--config=experiments/nope.py", f"--workdir={tmp_path}", check=False)
+    assert out.returncode == 2 and "no such experiment file" in out.stderr
+
+
+def test_evaluate_script_reproduces_the_run_metrics(sweep_dir, tmp_path):
+    run = sweep_dir / "method=lora,rank=4,seed=0"
+    summary = json.loads((run / "summary.json").read_text())
+    out = tmp_path / "eval.json"
+    script("evaluate.py", f"--workdir={run}", f"--out={out}")
+    ev = json.loads(out.read_text())
+    assert ev["checkpoint_step"] == summary["steps"]
+    for key in ("final/target/loss", "final/general/exact_match", "base/general/loss"):
+        assert ev[key] == pytest.approx(summary[key], rel=1e-5), key
+
+
+def test_export_script_writes_loadable_weights(sweep_dir, tmp_path):
+    import numpy as np
+    import transformers
+
+    run = sweep_dir / "method=lora,rank=4,seed=0"
+    script("export.py", f"--workdir={run}", f"--out={tmp_path}")
+    assert (tmp_path / "adapter" / "adapter_model.safetensors").exists()
+    model = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path / "hf"))
+    assert np.isfinite(
+        model(**{"input_ids": __import__("torch").tensor([[1, 5, 6]])}).logits.detach().numpy()
+    ).all()
