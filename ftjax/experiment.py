@@ -186,6 +186,32 @@ def exact_match_on(model, params, tokenizer, prompts, answers, ecfg, add_bos: bo
     return correct / max(len(prompts), 1)
 
 
+def _base_eval_cache_path(cfg, ecfg) -> str | None:
+    """Every fine-tuning run of a study starts from the same base and measures
+    it on the same eval sets: the "before" numbers are computed once, stored
+    beside the base checkpoint under a digest of what determines them."""
+    ckpt = cfg.model.checkpoint
+    if not ckpt or not os.path.isdir(ckpt) or not os.access(ckpt, os.W_OK):
+        return None
+    import hashlib
+
+    from ftjax.train.checkpoint import checksum_files
+
+    weights = [os.path.join(ckpt, f) for f in os.listdir(ckpt) if f.endswith(".safetensors")]
+    key = json.dumps(
+        [checksum_files(weights), cfg.data.to_dict(), ecfg.to_dict(), cfg.model.dtype],
+        sort_keys=True, default=str,
+    )  # fmt: skip
+    return os.path.join(ckpt, f"base_eval-{hashlib.sha256(key.encode()).hexdigest()[:12]}.json")
+
+
+def _write_json_atomic(path: str, data) -> None:
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "w") as f:
+        json.dump(data, f, indent=1, sort_keys=True)
+    os.replace(tmp, path)
+
+
 def evaluate_run(result, cfg, workdir: str, update_summary: bool = True) -> dict:
     """Before/after metrics on every eval set, forgetting, and weight analysis;
     merged into summary.json and written to eval.json. Keys as `report.py` reads."""
@@ -198,25 +224,31 @@ def evaluate_run(result, cfg, workdir: str, update_summary: bool = True) -> dict
     tuned = peft.merge(result.params)
     base = result.base_params
     sets = {n: list(pipe.eval_batches(n)) for n in pipe.eval_names}
-    out: dict = {}
-    for side, params in (("base", base), ("final", tuned)):
-        metrics = evaluate_sets(model, params, sets)
-        for name, m in metrics.items():
+
+    def measure(side, params):
+        out = {}
+        for name, m in evaluate_sets(model, params, sets).items():
             out[f"{side}/{name}/loss"] = m["loss"]
             out[f"{side}/{name}/token_accuracy"] = m["accuracy"]
             if ecfg.exact_match:
                 rows = pipe.eval_rows(name)
-                n = min(len(rows), ecfg.max_examples or len(rows))
-                rows = rows.select(range(n))
+                rows = rows.select(range(min(len(rows), ecfg.max_examples or len(rows))))
                 out[f"{side}/{name}/exact_match"] = exact_match_on(
-                    model,
-                    params,
-                    pipe.tokenizer,
-                    rows["prompt"],
-                    rows["answer"],
-                    ecfg,
+                    model, params, pipe.tokenizer, rows["prompt"], rows["answer"], ecfg,
                     add_bos=bool(cfg.data.add_bos),
-                )
+                )  # fmt: skip
+        return out
+
+    out: dict = {}
+    cache = _base_eval_cache_path(cfg, ecfg)
+    if cache and os.path.exists(cache):
+        with open(cache) as f:
+            out.update(json.load(f))
+    else:
+        out.update(measure("base", base))
+        if cache:
+            _write_json_atomic(cache, out)
+    out.update(measure("final", tuned))
     for name in pipe.eval_names:
         out[f"forgetting/{name}/loss_increase"] = (
             out[f"final/{name}/loss"] - out[f"base/{name}/loss"]

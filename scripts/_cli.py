@@ -27,8 +27,25 @@ def quiet_libraries() -> None:
         pass
 
 
+def enable_compilation_cache() -> None:
+    """Runs of a sweep compile the same programs again and again (same shapes
+    for every seed, the same generation program for every merged model); a
+    persistent cache turns the repeats into disk reads."""
+    import os
+
+    import jax
+
+    from ftjax.experiment import cache_dir
+
+    path = os.environ.get("JAX_COMPILATION_CACHE_DIR") or os.path.join(cache_dir(), "jax-compile")
+    jax.config.update("jax_compilation_cache_dir", path)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.2)
+    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+
+
 def run_main(main_fn, argv) -> None:
     quiet_libraries()
+    enable_compilation_cache()
     try:
         main_fn(argv)
     except USER_ERRORS as e:

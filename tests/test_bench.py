@@ -31,6 +31,7 @@ def results():
         torch=HAS_TORCH,
         profile=True,
         peak_flops=1e12,
+        compile_options={"xla_backend_optimization_level": 0},  # halves compile time
     )
     return bench.run(cfg, log=lambda msg: None)
 

@@ -175,3 +175,31 @@ def test_other_optimizers_reduce_loss(name):
         state, m = par.train_step(state, batch)
         losses.append(float(m["loss"]))
     assert losses[-1] < losses[0] - 0.05, losses
+
+
+def test_mixed_precision_keeps_fp32_master_weights():
+    cfg = CFG.replace(dtype="bfloat16", param_dtype="float32")
+    model = build_model(cfg)
+    params = model.init(jax.random.key(0), jnp.zeros((1, 4), jnp.int32))["params"]
+    tx, _ = build_optimizer(default_optim_config(), 10)
+    params, frozen = peft.build_method("full").split(params)
+    state = TrainState(
+        jnp.zeros((), jnp.int32), params, frozen, tx.init(params),
+        jax.random.key_data(jax.random.key(2)), jnp.zeros((), jnp.int32),
+    )  # fmt: skip
+    par = Parallel("single", model, tx, StepConfig())
+    state = par.place_state(state)
+    batch = par.place_batch(make_batch(0))
+    losses = []
+    for _ in range(4):
+        state, m = par.train_step(state, batch)
+        losses.append(float(m["loss"]))
+    dtypes = {x.dtype for x in jax.tree.leaves((state.trainable, state.opt_state)) if x.ndim}
+    assert dtypes == {jnp.dtype("float32")}
+    # The forward really runs in bf16: its logits differ from an fp32 forward.
+    p = jax.device_get(state.trainable)
+    ids = make_batch(0)["input_ids"]
+    lo = build_model(cfg).apply({"params": p}, ids)
+    hi = build_model(cfg.replace(dtype="float32")).apply({"params": p}, ids)
+    assert 1e-4 < float(jnp.abs(lo - hi).max()) < 0.5
+    assert losses[-1] < losses[0]

@@ -45,13 +45,13 @@ from ftjax.train.optim import ConfigError
 NOISE_RATES = (0.0, 0.2, 0.5)
 FULL = dict(
     suite=dict(
-        general_train=8000, general_eval=100, target_train=600, target_eval=100, target_task="modop"
+        general_train=8000, general_eval=80, target_train=1000, target_eval=80, target_task="modop"
     ),
     model=dict(hidden_size=96, intermediate_size=256, num_layers=3, num_heads=4, num_kv_heads=2),
-    pretrain_steps=500,
-    finetune_steps=200,
+    pretrain_steps=400,
+    finetune_steps=160,
     batch_size=32,
-    eval_examples=100,
+    eval_examples=80,
 )
 QUICK = dict(
     suite=dict(

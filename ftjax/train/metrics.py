@@ -66,7 +66,8 @@ class MetricsWriter:
             for k, v in record.items():
                 if isinstance(v, (int, float)) and k != "step":
                     self._tb.add_scalar(k, v, step)
-        if not self.quiet:
+        # Quiet (sweeps): a progress line at every fifth of the run, not every log step.
+        if not self.quiet or step % max(self.total // 5, 1) == 0 or step >= self.total:
             print(self._progress_line(step, record), flush=True)
 
     def _progress_line(self, step, record) -> str:
