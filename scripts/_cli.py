@@ -3,10 +3,43 @@ input, instead of a traceback."""
 
 from __future__ import annotations
 
+import re
 import sys
 
 # Errors that mean "the input is wrong", as opposed to a bug in ftjax.
-USER_ERRORS = (ValueError, FileNotFoundError, KeyError, TypeError, AttributeError)
+USER_ERRORS = (ValueError, OSError, KeyError, TypeError, AttributeError)
+
+
+def one_line(e: BaseException) -> str:
+    """The informative line of an error message. Config-file errors arrive as
+    whole tracebacks inside absl's message: their last line is the cause."""
+    text = str(e).strip()
+    lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
+    if not lines:
+        return type(e).__name__
+    if len(lines) == 1:
+        line = lines[0]
+        return line[1:-1] if len(line) > 1 and line[0] == line[-1] and line[0] in "'\"" else line
+    last = lines[-1]
+    # "ftjax.train.optim.ConfigError: method='x'; ..." -> the message itself.
+    return re.sub(r"^[\w.]*(Error|Exception|Mismatch): ", "", last)
+
+
+def parse_flags(argv):
+    """absl's flag parsing, with one `error:` line instead of a usage dump."""
+    from absl import flags
+
+    try:
+        return flags.FLAGS(argv)
+    except Exception as e:  # any failure here is bad input: flags or config file
+        msg = one_line(e)
+        if "Unknown command line flag 'config." in msg:
+            msg += " (no such field in the config)"
+        if isinstance(e, AttributeError):  # ConfigDict: unknown field in an override
+            detail = str(e).strip("'\"").replace("\\n", " ").replace("\\'", "'")
+            msg = f"--config override names a field the config does not have: {detail}"
+        print(f"error: {msg}", file=sys.stderr)
+        sys.exit(2)
 
 
 def quiet_libraries() -> None:
@@ -49,6 +82,5 @@ def run_main(main_fn, argv) -> None:
     try:
         main_fn(argv)
     except USER_ERRORS as e:
-        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        print(f"error: {msg}", file=sys.stderr)
+        print(f"error: {one_line(e)}", file=sys.stderr)
         sys.exit(2)

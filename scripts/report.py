@@ -8,7 +8,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(__file__))
 
-from _cli import run_main  # noqa: E402
+from _cli import parse_flags, run_main  # noqa: E402
 from absl import app, flags  # noqa: E402
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "Sweep directory holding run directories.")
@@ -27,4 +27,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(lambda argv: run_main(main, argv))
+    app.run(lambda argv: run_main(main, argv), flags_parser=parse_flags)

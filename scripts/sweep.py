@@ -12,7 +12,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(__file__))
 
-from _cli import run_main  # noqa: E402
+from _cli import parse_flags, run_main  # noqa: E402
 from absl import app, flags  # noqa: E402
 
 _CONFIG = flags.DEFINE_string("config", None, "Experiment (study) file with get_config/get_sweep.")
@@ -45,4 +45,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(lambda argv: run_main(main, argv))
+    app.run(lambda argv: run_main(main, argv), flags_parser=parse_flags)

@@ -136,3 +136,17 @@ def test_export_script_writes_loadable_weights(sweep_dir, tmp_path):
     assert np.isfinite(
         model(**{"input_ids": __import__("torch").tensor([[1, 5, 6]])}).logits.detach().numpy()
     ).all()
+
+
+def test_sweep_override_of_missing_field_and_empty_report(tmp_path):
+    study = tmp_path / "study.py"
+    study.write_text(
+        "from ftjax.train import default_config\n"
+        "def get_config(arg=None):\n    return default_config()\n"
+        "def get_sweep():\n    return [{'optim.lrate': 0.1}]\n"
+    )
+    out = script("sweep.py", f"--config={study}", f"--workdir={tmp_path / 'w'}", check=False)
+    assert out.returncode == 2
+    assert "error: sweep entry 0: unknown config key 'optim.lrate'" in out.stderr
+    out = script("report.py", f"--workdir={tmp_path}", check=False)
+    assert out.returncode == 2 and "no completed runs" in out.stderr.strip().splitlines()[-1]

@@ -129,3 +129,12 @@ def test_bad_flag_values_give_one_line(tmp_path):
     assert proc.stderr.strip().splitlines()[-1].startswith("error: optim.name='adamz'")
     proc = run(str(tmp_path / "b"), "method=full", None, "--config.parallel.mode=ddp", check=False)
     assert proc.returncode == 2 and "parallel.mode='ddp'" in proc.stderr
+    for arg, extra, expected in [
+        ("method=full", "--config.train.stepz=3", "field the config does not have: 'stepz'"),
+        ("method=lroa", "--config.train.steps=3", "error: method='lroa'; expected one of full"),
+        ("method=lora,rank=0", "--config.train.steps=3", "error: peft.rank: must be a positive"),
+    ]:
+        proc = run(str(tmp_path / "c"), arg, None, extra, check=False)
+        lines = proc.stderr.strip().splitlines()
+        assert proc.returncode == 2 and expected in lines[-1], proc.stderr[-500:]
+        assert not any(line.startswith("Traceback") for line in lines)
