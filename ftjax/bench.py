@@ -26,6 +26,7 @@ import json
 import os
 import platform
 import re
+import shutil
 import statistics
 import subprocess
 import sys
@@ -89,7 +90,8 @@ class BenchConfig:
     profile: bool = False  # trace the JAX steps and break their time down by op
     xla_flags: str = ""  # appended to XLA_FLAGS in the workers
     compile_options: dict | None = None  # for the step's compile (tests: optimization level 0)
-    patches: tuple = ()  # names in PATCHES: prototypes of changes to other modules
+    patches: tuple = ()  # names in PATCHES, for every ftjax job
+    variants: tuple = ()  # extra ftjax jobs "method@variant" (VARIANTS), timed beside the base
 
     def model_fields(self, preset=None) -> dict:
         name = preset or self.preset
@@ -363,7 +365,10 @@ class JaxTrain(JaxJob):
                 self._step()
         wall = (time.perf_counter() - t) / n
         (path,) = glob.glob(os.path.join(trace_dir, "**", "*.xplane.pb"), recursive=True)
-        return op_breakdown(path, self.compiled.as_text(), n, wall)
+        try:
+            return op_breakdown(path, self.compiled.as_text(), n, wall)
+        finally:
+            shutil.rmtree(trace_dir, ignore_errors=True)
 
     def finish(self) -> dict:
         loss = float(self.metrics["loss"])
@@ -596,9 +601,66 @@ def optim_config():
 # ----------------------------------------------------------------------------- patches
 
 # Prototypes of changes to other modules, applied inside a worker before the
-# model is built (`--patches=name,...`), so that their gain is measured against
-# the unpatched code in the same run. Each is a function of no arguments.
-PATCHES: dict = {}
+# model is built, so that their gain is measured against the unpatched code in
+# the same run (as variants, below). Each is a function of no arguments.
+
+
+def _attention_einsum():
+    """Grouped-query attention as two einsums around a float32 softmax, the scale
+    folded into q (t*h multiplies instead of t*s), in place of
+    `jax.nn.dot_product_attention`'s XLA path."""
+    import jax
+    import jax.numpy as jnp
+
+    from ftjax.models import layers
+
+    def attention(q, k, v, mask, scale=None):
+        b, t, n, h = q.shape
+        groups = n // k.shape[2]
+        scale = h**-0.5 if scale is None else scale
+        q = (q * jnp.asarray(scale, q.dtype)).reshape(b, t, k.shape[2], groups, h)
+        s = jnp.einsum("btkgh,bskh->bkgts", q, k, preferred_element_type=jnp.float32)
+        s = jnp.where(mask[:, :, None], s, jnp.finfo(jnp.float32).min)
+        p = jax.nn.softmax(s, axis=-1).astype(v.dtype)
+        return jnp.einsum("bkgts,bskh->btkgh", p, v).reshape(b, t, n, h)
+
+    layers.dot_product_attention = attention
+
+
+def _qlora_remat():
+    """Dequantize an NF4 kernel again in the backward pass rather than keep it:
+    without this, XLA saves every layer's dequantized float kernel from the
+    forward for `dx = dy @ W.T`, so QLoRA's peak holds a float copy of the whole
+    model. `dots_saveable` keeps the matmul output, so only the (elementwise)
+    dequantization is recomputed."""
+    import jax
+    import jax.numpy as jnp
+
+    from ftjax.peft import quant
+
+    def apply_linear(self, x, *, dtype, rng):
+        del rng
+        matmul = lambda leaf, x: jnp.matmul(x, leaf.materialize(dtype))
+        policy = jax.checkpoint_policies.dots_saveable
+        return jax.checkpoint(matmul, policy=policy)(self, x)
+
+    quant.NF4Weight.apply_linear = apply_linear
+
+
+PATCHES: dict = {"attention_einsum": _attention_einsum, "qlora_remat": _qlora_remat}
+
+# Named variants of an ftjax job: XLA flags (a user-level setting), model config
+# fields, or patches. `--variants=lora@ynn_off` runs LoRA both ways, interleaved.
+VARIANTS: dict = {
+    "ynn_off": {"xla_flags": "--xla_cpu_experimental_ynn_fusion_type="},  # Eigen dots
+    "ynn_all": {
+        "xla_flags": "--xla_cpu_experimental_ynn_fusion_type=dot,eltwise,reduce,individual_dot"
+    },
+    "onednn": {"xla_flags": "--xla_cpu_use_onednn=true --xla_cpu_experimental_ynn_fusion_type="},
+    "scan": {"model": {"scan_layers": True}},
+    "attention_einsum": {"patches": ["attention_einsum"]},
+    "qlora_remat": {"patches": ["qlora_remat"]},
+}
 
 
 def apply_patches(names) -> None:
@@ -613,67 +675,90 @@ def apply_patches(names) -> None:
 _INSTR = re.compile(r"^\s*(?:ROOT\s+)?%?([\w.\-]+)\s*=\s*.*?\s([a-z][\w\-]*)\((.*)$")
 _CALLS = re.compile(r"(?:calls|to_apply|body)=%?([\w.\-]+)")
 _COMP = re.compile(r"^\s*(?:ENTRY\s+)?%?([\w.\-]+)\s.*\{\s*$")
+_OP_NAME = re.compile(r'op_name="([^"]*)"')
 _CONTAINERS = ("while", "conditional", "call")  # their bodies are traced op by op
 
 
+def _op_kind(opcodes: list) -> str:
+    """What an instruction (with the ops of the computations it calls) mostly does."""
+    if opcodes[0] in _CONTAINERS:
+        return "container"
+    if any(o in ("dot", "convolution") for o in opcodes):
+        return "matmul"
+    if opcodes[0] == "custom-call":
+        return "custom-call"
+    if any(o in ("gather", "scatter", "dynamic-slice", "dynamic-update-slice") for o in opcodes):
+        return "gather/scatter"
+    if any(o in ("reduce", "reduce-window", "sort") for o in opcodes):
+        return "reduction"
+    if all(o in ("copy", "transpose", "parameter", "bitcast", "tuple") for o in opcodes):
+        return "copy/transpose"
+    return "elementwise"
+
+
+def _op_source(op_name: str) -> str:
+    """Where in the program an op comes from, from its HLO metadata: forward or
+    backward, and the module path with layer numbers dropped
+    (`bwd mlp/gate_proj`); ops outside the model are the loss and the update."""
+    model = re.search(r"jvp\((\w+)\)\)?/(.*)", op_name)
+    if not model:
+        return "loss, clipping, AdamW update"
+    phase = "bwd" if "transpose(jvp(" in op_name else "fwd"
+    path = re.sub(r"(^|/)(model|transformer)/", r"\1", model.group(2))
+    path = re.sub(r"(layers|h)_\d+/", "", path)
+    modules = [p for p in path.split("/")[:-1] if not p.startswith("jit(")]  # last: the primitive
+    return f"{phase} {'/'.join(modules[:2]) or 'logits'}"
+
+
 def _hlo_ops(hlo_text: str) -> dict:
-    """name -> kind of every instruction of an optimized HLO module, a fusion's
-    kind taken from the heaviest op it contains."""
+    """name -> (kind, source) of every instruction of an optimized HLO module;
+    a fusion's kind is that of the heaviest op it contains."""
     comps, ops, current = {}, {}, None
     for line in hlo_text.splitlines():
         m = _INSTR.match(line)
         if m and current is not None:
             name, opcode, rest = m.groups()
             comps[current].append(opcode)
-            ops[name] = (opcode, _CALLS.findall(rest))
+            op_name = _OP_NAME.search(rest)
+            ops[name] = (opcode, _CALLS.findall(rest), op_name.group(1) if op_name else "")
             continue
         c = _COMP.match(line)
         if c and "=" not in line.split("{")[0]:
             current = c.group(1)
             comps[current] = []
-
-    def kind(opcode, called, depth=0):
-        inner = [opcode]
-        for comp in called:
-            inner += comps.get(comp, [])
-        if opcode in _CONTAINERS:
-            return "container"
-        if any(o in ("dot", "convolution") for o in inner):
-            return "matmul"
-        if opcode == "custom-call":
-            return "custom-call"
-        if any(o in ("gather", "scatter", "dynamic-slice", "dynamic-update-slice") for o in inner):
-            return "gather/scatter"
-        if any(o in ("reduce", "reduce-window", "sort") for o in inner):
-            return "reduction"
-        if all(o in ("copy", "transpose", "parameter", "bitcast", "tuple") for o in inner):
-            return "copy/transpose"
-        return "elementwise"
-
-    return {name: kind(op, called) for name, (op, called) in ops.items()}
+    return {
+        name: (_op_kind([op] + [o for c in called for o in comps.get(c, [])]), _op_source(src))
+        for name, (op, called, src) in ops.items()
+    }
 
 
 def op_breakdown(xplane_path: str, hlo_text: str, steps: int, wall_s: float) -> dict:
-    """Seconds per step by op kind (matmul, elementwise, reduction, ...) and the
-    ten costliest ops, from a `jax.profiler` trace of `steps` steps."""
+    """Seconds per step by op kind (matmul, elementwise, ...), by source in the
+    model (`bwd mlp/down_proj`, ...) and the costliest ops, from a
+    `jax.profiler` trace of `steps` steps."""
     from jax.profiler import ProfileData
 
-    kinds = _hlo_ops(hlo_text)
+    info = _hlo_ops(hlo_text)
     per_op: dict = {}
     for plane in ProfileData.from_file(xplane_path).planes:
         for line in plane.lines:
             for ev in line.events:
-                if ev.name in kinds and kinds[ev.name] != "container":
+                if ev.name in info and info[ev.name][0] != "container":
                     per_op[ev.name] = per_op.get(ev.name, 0.0) + ev.duration_ns * 1e-9 / steps
-    by_kind: dict = {}
-    for name, s in per_op.items():
-        by_kind[kinds[name]] = by_kind.get(kinds[name], 0.0) + s
-    top = sorted(per_op.items(), key=lambda kv: -kv[1])[:10]
+
+    def total(field):
+        out: dict = {}
+        for name, sec in per_op.items():
+            out[info[name][field]] = out.get(info[name][field], 0.0) + sec
+        return dict(sorted(out.items(), key=lambda kv: -kv[1]))
+
+    top = sorted(per_op.items(), key=lambda kv: -kv[1])[:40]
     return {
         "wall_s": wall_s,
         "op_s": sum(per_op.values()),
-        "by_kind": dict(sorted(by_kind.items(), key=lambda kv: -kv[1])),
-        "top_ops": [{"op": n, "kind": kinds[n], "s": s} for n, s in top],
+        "by_kind": total(0),
+        "by_source": total(1),
+        "top_ops": [{"op": n, "kind": info[n][0], "source": info[n][1], "s": t} for n, t in top],
     }
 
 
@@ -709,6 +794,8 @@ class Worker:
 
     def __init__(self, spec: dict, env: dict):
         self.name = spec["name"]
+        if spec.get("xla_flags"):
+            env = {**env, "XLA_FLAGS": f"{env.get('XLA_FLAGS', '')} {spec['xla_flags']}".strip()}
         self.log = tempfile.TemporaryFile(mode="w+")
         root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
         env = {**env, "PYTHONPATH": os.pathsep.join([root, env.get("PYTHONPATH", "")])}
@@ -749,6 +836,8 @@ class InProcess:
 
     def __init__(self, spec: dict):
         self.name = spec["name"]
+        if spec.get("xla_flags"):
+            raise ValueError(f"{self.name}: XLA flags need a fresh process (isolate=True)")
         if spec["kind"].startswith("torch"):
             import torch
 
@@ -775,6 +864,7 @@ def _worker_env(bc: BenchConfig) -> dict:
     if bc.interleave:  # several JAX processes share one accelerator
         env.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
     env.setdefault("TOKENIZERS_PARALLELISM", "false")
+    env["JAX_ENABLE_COMPILATION_CACHE"] = "false"  # compile times are measured, not cache reads
     return env
 
 
@@ -801,10 +891,35 @@ def _torch_available() -> bool:
     return all(importlib.util.find_spec(m) for m in ("torch", "transformers", "peft"))
 
 
+def _variant_specs(bc: BenchConfig, train) -> list[dict]:
+    """The ftjax jobs of `bc.variants` ("method@variant"), from the job maker `train`."""
+    specs = []
+    for item in bc.variants:
+        method, _, label = item.partition("@")
+        if method not in METHODS or label not in VARIANTS:
+            raise ValueError(
+                f"variants: {item!r} is not method@variant with a method in {', '.join(METHODS)} "
+                f"and a variant in {', '.join(VARIANTS)}"
+            )
+        v, spec = VARIANTS[label], train("jax_train", "ftjax", method)
+        specs.append(
+            dict(
+                spec,
+                name=f"ftjax/{item}",
+                variant=label,
+                model={**spec["model"], **v.get("model", {})},
+                patches=spec["patches"] + list(v.get("patches", ())),
+                xla_flags=v.get("xla_flags", ""),
+            )
+        )
+    return specs
+
+
 def job_specs(bc: BenchConfig) -> list[dict]:
     base = _base_spec(bc)
     train = lambda kind, fw, m: dict(base, kind=kind, name=f"{fw}/{m}", framework=fw, method=m)
     specs = [train("jax_train", "ftjax", m) for m in bc.methods]
+    specs += _variant_specs(bc, train)
     torch = bc.torch and _torch_available()
     if torch:
         specs += [train("torch_train", "torch", m) for m in TORCH_METHODS if m in bc.methods]
@@ -822,16 +937,10 @@ def memory_specs(bc: BenchConfig) -> list[dict]:
         seq=bc.memory_seq,
         measure_peak=False,
     )
-    specs = [
-        dict(base, kind="jax_train", name=f"ftjax/{m}", framework="ftjax", method=m)
-        for m in bc.methods
-    ]
+    train = lambda kind, fw, m: dict(base, kind=kind, name=f"{fw}/{m}", framework=fw, method=m)
+    specs = [train("jax_train", "ftjax", m) for m in bc.methods] + _variant_specs(bc, train)
     if bc.torch and _torch_available():
-        specs += [
-            dict(base, kind="torch_train", name=f"torch/{m}", framework="torch", method=m)
-            for m in TORCH_METHODS
-            if m in bc.methods
-        ]
+        specs += [train("torch_train", "torch", m) for m in TORCH_METHODS if m in bc.methods]
     return specs
 
 
@@ -966,7 +1075,11 @@ def machine() -> dict:
 
 def summarize(bc: BenchConfig, jobs: dict, memory: dict) -> dict:
     train = {n: j for n, j in jobs.items() if j["spec"]["kind"].endswith("train")}
-    ftjax = {j["spec"]["method"]: j for j in train.values() if j["spec"]["framework"] == "ftjax"}
+    ftjax = {
+        j["spec"]["method"]: j
+        for j in train.values()
+        if j["spec"]["framework"] == "ftjax" and not j["spec"].get("variant")
+    }
     torch = {j["spec"]["method"]: j for j in train.values() if j["spec"]["framework"] == "torch"}
     rows = []
     for name, j in train.items():
@@ -978,12 +1091,14 @@ def summarize(bc: BenchConfig, jobs: dict, memory: dict) -> dict:
         mfu = None
         if fpt:
             mfu = _per_round(j, "", lambda r, f=fpt * tokens: f / r["step_s"] / r["peak_flops"])
-        fw = j["spec"]["framework"]
+        fw, variant = j["spec"]["framework"], j["spec"].get("variant")
         rows.append(
             {
                 "name": name,
                 "framework": fw,
                 "method": method,
+                "variant": variant,
+                "speedup_vs_base": _paired(j, ftjax.get(method), "step_s") if variant else None,
                 "params": s.get("params"),
                 "trainable": s.get("trainable"),
                 "compile_s": s.get("compile_s"),
@@ -1033,6 +1148,7 @@ def summarize(bc: BenchConfig, jobs: dict, memory: dict) -> dict:
             "name": n,
             "framework": j["spec"]["framework"],
             "method": j["spec"]["method"],
+            "variant": j["spec"].get("variant"),
             "state_bytes": (j.get("setup") or {}).get("state_bytes"),
             **(j.get("finish") or {}),
             "error": j.get("error"),
@@ -1067,14 +1183,14 @@ def _tunix() -> bool:
 
 def goals(results: dict) -> list[dict]:
     """The issue's goals, each with its measured value (None: not measured)."""
-    row = {(r["framework"], r["method"]): r for r in results["train"]}
+    base = [r for r in results["train"] if not r.get("variant")]
+    row = {(r["framework"], r["method"]): r for r in base}
     get = lambda fw, m, k: (row.get((fw, m)) or {}).get(k)
     gpu = results["machine"].get("backend") not in (None, "cpu")
     mfu = get("ftjax", "full", "mfu_datasheet" if gpu else "mfu_measured_peak")
     # The dedicated weights-dominated check when it ran, else the timing run's peaks.
-    mem_rows = results["memory"] or [
-        {"framework": r["framework"], "method": r["method"], **(r["memory"] or {})}
-        for r in results["train"]
+    mem_rows = [r for r in results["memory"] if not r.get("variant")] or [
+        {"framework": r["framework"], "method": r["method"], **(r["memory"] or {})} for r in base
     ]
     key = "device_peak" if gpu else "rss_peak"
     mem = {(r["framework"], r["method"]): r.get(key) for r in mem_rows}
@@ -1141,20 +1257,22 @@ def markdown(results: dict) -> str:
         f"Ratios are medians of per-round ratios.",
         "",
         "| framework | method | trainable / total | compile s | step s | tokens/s | vs full "
-        "| vs torch | GFLOP/token (model / XLA) | matmul peak GFLOP/s | MFU (measured) "
+        "| vs torch | vs base | GFLOP/token (model / XLA) | matmul peak GFLOP/s | MFU (measured) "
         "| MFU (datasheet) | peak RSS MB |",
-        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in results["train"]:
+        label = r["method"] + (f"@{r['variant']}" if r.get("variant") else "")
         if r["error"]:
-            lines.append(f"| {r['framework']} | {r['method']} | failed: {r['error'][:80]} |")
+            lines.append(f"| {r['framework']} | {label} | failed: {r['error'][:80]} |")
             continue
         mem = r["memory"] or {}
         lines.append(
-            f"| {r['framework']} | {r['method']} | {_f(r['trainable'], ',')} / "
+            f"| {r['framework']} | {label} | {_f(r['trainable'], ',')} / "
             f"{_f(r['params'], ',')} | {_f(r['compile_s'], '.1f')} | {_f(r['step_s'], '.3f')} "
             f"| {_f(r['tokens_per_s'], ',.0f')} | {_f(r['speedup_vs_full'], '.2f', suffix='x')} "
             f"| {_f(r['speedup_vs_torch'], '.2f', suffix='x')} "
+            f"| {_f(r['speedup_vs_base'], '.2f', suffix='x')} "
             f"| {_f(r['flops_per_token'], '.3g', 1e-9)} / {_f(r['xla_flops_per_token'], '.3g', 1e-9)} "
             f"| {_f(r['peak_flops_measured'], '.0f', 1e-9)} "
             f"| {_f(r['mfu_measured_peak'], '.1%')} | {_f(r['mfu_datasheet'], '.1%')} "
@@ -1188,6 +1306,8 @@ def markdown(results: dict) -> str:
             "|---|---|---:|---:|---:|---:|---:|",
         ]
         for r in results["memory"]:
+            if r.get("variant"):
+                r = {**r, "method": f"{r['method']}@{r['variant']}"}
             sb = r.get("state_bytes") or {}
             above = r["rss_peak"] - r["rss_base"] if r.get("rss_peak") else None
             lines.append(

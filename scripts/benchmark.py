@@ -50,7 +50,10 @@ _PROFILE = flags.DEFINE_bool("profile", False, "Trace the ftjax steps; time per 
 _SCAN = flags.DEFINE_bool("scan_layers", D.scan_layers, "nn.scan over layers (faster compile).")
 _REMAT = flags.DEFINE_bool("remat", D.remat, "Recompute layer activations in the backward.")
 _XLA = flags.DEFINE_string("xla_flags", "", "Extra XLA_FLAGS for the workers.")
-_PATCHES = flags.DEFINE_list("patches", [], "Prototype patches (ftjax.bench.PATCHES).")
+_PATCHES = flags.DEFINE_list("patches", [], "Prototype patches for every ftjax job (PATCHES).")
+_VARIANTS = flags.DEFINE_list(
+    "variants", [], "Extra ftjax jobs method@variant (ftjax.bench.VARIANTS), timed beside the base."
+)
 _OUT = flags.DEFINE_string("out", None, "Results JSON path; the table goes to <out>.md.")
 
 
@@ -85,6 +88,8 @@ def main(argv):
     cfg.interleave, cfg.isolate, cfg.profile = _INTERLEAVE.value, _ISOLATE.value, _PROFILE.value
     cfg.scan_layers, cfg.remat = _SCAN.value, _REMAT.value
     cfg.xla_flags, cfg.patches = _XLA.value, tuple(_PATCHES.value)
+    cfg.variants = tuple(_VARIANTS.value)
+    bench.job_specs(cfg)  # validates the variants before any worker starts
 
     results = bench.run(cfg)
     results["command"] = " ".join(["python"] + sys.argv)
@@ -101,4 +106,6 @@ def main(argv):
 
 
 if __name__ == "__main__":
+    # absl negates booleans as --noflag; accept the common --no-flag spelling too.
+    sys.argv = ["--no" + a[5:] if a.startswith("--no-") else a for a in sys.argv]
     app.run(lambda argv: run_main(main, argv), flags_parser=parse_flags)

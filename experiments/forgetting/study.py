@@ -14,6 +14,22 @@ One run by hand (after the base exists):
     python scripts/train.py \
         --config=experiments/forgetting/study.py:method=lora,rank=4 --workdir=runs/one
 
+Learning-rate grid (`:lr_grid=1`, seed 0, 100 fine-tuning steps; target exact
+match / general exact match after / general loss increase; base: general 0.90,
+target 0.00), measured on a shared 2-core CPU on 2026-11-28:
+
+    full         1e-4: 0.00 / 0.30 / 1.03   3e-4: 0.15 / 0.19 / 2.00
+                 1e-3: 1.00 / 0.16 / 6.06*  3e-3: 1.00 / 0.00 / 7.68
+    lora r=16    1e-3: 0.00 / 0.10 / 2.25   3e-3: 0.61 / 0.06 / 4.24*
+                 1e-2: 0.00 / 0.00 / 4.41   3e-2: 0.00 / 0.00 / 3.97
+    lora qv r=8  3e-3: 0.00 / 0.00 / 2.97*  1e-2: 0.00 / 0.00 / 4.15  3e-2: 0.00 / 0.00 / 4.10
+    rslora r=64  1e-3: 1.00 / 0.05 / 6.57*  3e-3: 1.00 / 0.00 / 8.23  1e-2: 0.00 / 0.00 / 4.02
+    bitfit       1e-2: 0.00 / 0.06 / 2.06*  3e-2: 0.00 / 0.02 / 2.84  1e-1: 0.00 / 0.00 / 3.26
+    freeze       3e-4: 0.00 / 0.77 / 0.46*  1e-3: 0.00 / 0.14 / 2.57  3e-3: 0.00 / 0.00 / 3.19
+
+(* chosen.) The other LoRA variants share LoRA r=16's rate; full + replay
+shares full's. Above the best rate, adapters collapse (0 on both sets).
+
 `quick=1` in the arg shrinks everything to a seconds-long end-to-end check (the
 test suite runs it). Expected on a 2-core CPU: the whole sweep in about ten
 minutes; see README for the numbers.
@@ -27,7 +43,6 @@ from ftjax.experiment import (
     split_method_options,
     with_method,
 )
-from ftjax.sweep import product
 from ftjax.train import default_config
 from ftjax.train.optim import ConfigError
 
@@ -48,31 +63,36 @@ QUICK = dict(
     eval_examples=8,
 )
 
-# Each method at its best learning rate on the grid below (best target exact
-# match after fine-tuning, seed 0), as measured by
+# Each method at its best learning rate on the grid below (highest target exact
+# match after fine-tuning, seed 0; ties broken by the smaller general-loss
+# increase), as measured by
 #   python scripts/sweep.py --config=experiments/forgetting/study.py:lr_grid=1 \
 #       --workdir=runs/forgetting-lr && python scripts/report.py --workdir=runs/forgetting-lr
 # (results in the module docstring). Same tokens, steps and schedule for all.
 METHODS = {
-    "full": ("method=full", 3e-4),
-    "lora r=1": ("method=lora,rank=1", 1e-2),
+    "full": ("method=full", 1e-3),
+    "lora r=1": ("method=lora,rank=1", 3e-3),
     "lora r=4": ("method=lora,rank=4", 3e-3),
     "lora r=16": ("method=lora,rank=16", 3e-3),
     "lora r=64": ("method=lora,rank=64", 3e-3),
-    "lora qv r=8": ("method=lora,rank=8,targets=qv", 1e-2),
+    "lora qv r=8": ("method=lora,rank=8,targets=qv", 3e-3),
     "rslora r=64": ("method=lora,rank=64,rslora=1", 1e-3),
     "dora r=16": ("method=dora,rank=16", 3e-3),
     "qlora r=16": ("method=qlora,rank=16", 3e-3),
-    "bitfit": ("method=bitfit", 3e-2),
-    "freeze all but last layer": ("method=freeze,last_layers=1", 1e-3),
-    "full + 10% replay": ("method=full,replay=0.1", 3e-4),
+    "bitfit": ("method=bitfit", 1e-2),
+    "freeze all but last layer": ("method=freeze,last_layers=1", 3e-4),
+    "full + 10% replay": ("method=full,replay=0.1", 1e-3),
 }
+# The documented learning-rate sweep: one 3-point grid per method family (the
+# other LoRA variants — ranks 1/4/64, DoRA, QLoRA — share LoRA r=16's best;
+# full + replay shares full's).
 LR_GRID = {
-    "full": [1e-4, 3e-4, 1e-3],
-    "bitfit": [3e-3, 1e-2, 3e-2],
-    "freeze": [3e-4, 1e-3, 3e-3],
-    "replay": [1e-4, 3e-4, 1e-3],
-    "adapter": [1e-3, 3e-3, 1e-2],  # lora, rslora, dora, qlora
+    "full": [3e-4, 1e-3, 3e-3],
+    "lora r=16": [1e-3, 3e-3, 1e-2],
+    "lora qv r=8": [3e-3, 1e-2, 3e-2],
+    "rslora r=64": [1e-3, 3e-3, 1e-2],
+    "bitfit": [1e-2, 3e-2, 1e-1],
+    "freeze all but last layer": [3e-4, 1e-3, 3e-3],
 }
 
 
@@ -144,22 +164,13 @@ def get_sweep(arg=None):
             {"arg": "method=qlora,rank=4", "train.seed": 0},
         ]
     if args.get("lr_grid") in ("1", "true"):
-        runs = []
-        for label, (method_arg, _) in METHODS.items():
-            grid = next(v for k, v in LR_GRID.items() if k in _grid_key(label))
-            runs += product(arg=[method_arg], **{"optim.lr": grid})
-        return runs
+        return [
+            {"arg": METHODS[label][0], "optim.lr": lr}
+            for label, grid in LR_GRID.items()
+            for lr in grid
+        ]
     return [
         {"arg": method_arg, "optim.lr": lr, "train.seed": seed}
         for seed in (0, 1)
         for method_arg, lr in METHODS.values()
     ]
-
-
-def _grid_key(label: str) -> str:
-    if "replay" in label:
-        return "replay"
-    for key in ("bitfit", "freeze", "full"):
-        if label.startswith(key):
-            return key
-    return "adapter"
