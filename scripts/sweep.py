@@ -20,6 +20,9 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "Sweep directory; one sub-direct
 _ONLY = flags.DEFINE_string("only", "", "Run only the run of this name.")
 _EMIT = flags.DEFINE_string("emit", "", "'commands': print one command line per run instead.")
 _QUIET = flags.DEFINE_bool("quiet", False, "Less output per step.")
+_ISOLATE = flags.DEFINE_bool(
+    "isolate", True, "Run each run in its own process (per-run peak memory, no state carried over)."
+)
 flags.mark_flags_as_required(["config", "workdir"])
 
 
@@ -30,7 +33,21 @@ def main(argv):
     from ftjax.train import train
     from ftjax.train.loop import write_summary
 
+    def run_in_subprocess(spec, run_dir):
+        import json
+        import subprocess
+
+        cmd = [sys.executable, os.path.abspath(__file__), f"--config={_CONFIG.value}",
+               f"--workdir={_WORKDIR.value}", f"--only={spec.name}", f"--quiet={_QUIET.value}"]  # fmt: skip
+        code = subprocess.call(cmd)
+        if code:
+            sys.exit(code)  # the run printed its own error line
+        with open(os.path.join(run_dir, "summary.json")) as f:
+            return json.load(f)
+
     def run_one(spec, run_dir):
+        if _ISOLATE.value and not _ONLY.value:
+            return run_in_subprocess(spec, run_dir)
         result = train(spec.config, run_dir, quiet=_QUIET.value)
         if result.summary.get("status") != "completed":
             sys.exit(0)  # preempted: the checkpoint is saved; rerun to resume

@@ -197,6 +197,11 @@ def train(cfg, workdir: str, quiet: bool = False) -> RunResult:
     flops_per_token = metrics_lib.train_flops_per_token(
         n_matmul, n_trainable_matmul, model.cfg, int(cfg.data.seq_len)
     )
+    train_state_bytes = int(
+        peft.nbytes(trainable) * 2
+        + peft.nbytes(frozen)
+        + peft.nbytes(jax.eval_shape(tx.init, trainable))
+    )
     writer = metrics_lib.MetricsWriter(workdir, cfg.train.steps, cfg.train.tensorboard, quiet)
     stop, previous_handler = _install_sigterm()
     step_times, compile_time, last_eval = [], None, {}
@@ -275,6 +280,9 @@ def train(cfg, workdir: str, quiet: bool = False) -> RunResult:
         "step_time_s": statistics.median(step_times) if step_times else None,
         "tokens_per_s": _median_metric(workdir, "tokens_per_s"),
         "flops_per_token": flops_per_token,
+        # Weights + gradients + optimizer state: the memory a method decides
+        # (activations aside), exact and comparable across runs of one process.
+        "train_state_bytes": train_state_bytes,
         "wall_time_s": time.time() - t_start,
         "lr": float(cfg.optim.lr),
         "data": pipeline.stats,
