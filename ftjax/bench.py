@@ -658,6 +658,7 @@ VARIANTS: dict = {
     },
     "onednn": {"xla_flags": "--xla_cpu_use_onednn=true --xla_cpu_experimental_ynn_fusion_type="},
     "scan": {"model": {"scan_layers": True}},
+    "remat": {"model": {"remat": True}},
     "attention_einsum": {"patches": ["attention_einsum"]},
     "qlora_remat": {"patches": ["qlora_remat"]},
 }

@@ -126,13 +126,13 @@ def test_hlo_op_kinds():
 
 ENTRY %main (a: f32[4,4]) -> f32[4,4] {
   %a = f32[4,4]{1,0} parameter(0)
-  %mm_fusion = f32[4,4]{1,0} fusion(%a, %a), kind=kOutput, calls=%fused_dot
+  %mm_fusion = f32[4,4]{1,0} fusion(%a, %a), kind=kOutput, calls=%fused_dot, metadata={op_name="jit(train_step)/transpose(jvp(LlamaForCausalLM))/model/layers_3/mlp/down_proj/dot_general"}
   ROOT %loop_fusion = f32[4,4]{1,0} fusion(%mm_fusion), kind=kLoop, calls=%fused_add
 }
 """
-    kinds = bench._hlo_ops(hlo)
-    assert kinds["mm_fusion"] == "matmul"
-    assert kinds["loop_fusion"] == "elementwise"
+    ops = bench._hlo_ops(hlo)
+    assert ops["mm_fusion"] == ("matmul", "bwd mlp/down_proj")
+    assert ops["loop_fusion"] == ("elementwise", "loss, clipping, AdamW update")
 
 
 def test_bad_preset_is_one_clear_error():

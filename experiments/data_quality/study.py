@@ -9,8 +9,8 @@ Every run sees the same steps, batches and schedule; only the labels differ.
 The report gives, per method and noise rate:
   target        exact match on held-out (clean) target prompts
   forgetting    drop in exact match on held-out general prompts
-  memorized_wrong      on the corrupted training prompts, the share where the
-                       model now answers the wrong label it was trained on
+  memorized_wrong      on the corrupted training prompts (the first 80), the share
+                       where the model now answers the wrong label it was trained on
   corrupted_recovered  ... the share where it answers the true label anyway
 
     python scripts/sweep.py --config=experiments/data_quality/study.py --workdir=runs/data_quality
@@ -20,9 +20,24 @@ One run by hand (after the base exists in runs/data_quality/base):
     python scripts/train.py --config=experiments/data_quality/study.py:method=lora,noise=0.5 \
         --config.model.checkpoint=runs/data_quality/base/hf --workdir=runs/dq-one
 
-Expected on a 2-core CPU: the whole sweep (base + 6 runs) in about 8 minutes;
-the measured numbers are in docs/studies.md. `quick=1` in the arg is a
-seconds-long end-to-end check (tests/test_studies.py runs it).
+Expected on a 2-core CPU: the whole sweep (base + 6 runs) in 9 minutes
+(542 s measured on a shared machine at load average ~6). The runs are
+deterministic; the measured result (one seed, so differences of a few points
+are noise; docs/studies.md has the full table):
+
+    run          target  forgetting  memorized_wrong  corrupted_recovered
+    full   0%     93.8      31.2           -                 -
+    full  20%     60.0      28.7          15.0              47.5
+    full  50%     20.0      25.0          21.2              26.2
+    LoRA   0%    100.0      35.0           -                 -
+    LoRA  20%     97.5      32.5           1.2              93.8
+    LoRA  50%     23.8      33.8          10.0              28.7
+
+i.e. at 20% noise full fine-tuning memorizes 15% of the wrong labels and loses
+a third of its target accuracy, while LoRA r=16 mostly answers the true label
+on the very prompts it was trained wrong on; at 50% noise both fail.
+`quick=1` in the arg is a seconds-long end-to-end check (tests/test_studies.py
+runs it).
 
 The target task is `modop` rather than the forgetting study's rot cipher: its
 one-digit answers are learned within a few hundred steps by a model this
@@ -144,13 +159,9 @@ def get_prerequisites():
 
 def get_sweep(arg=None):
     if "quick=1" in (arg or ""):
-        # The end-to-end test: two noise rates of one method (separate rows)
-        # and LoRA on the noisiest data.
-        return [
-            {"arg": "method=full,noise=0"},
-            {"arg": "method=full,noise=0.5"},
-            {"arg": "method=lora,rank=4,noise=0.5"},
-        ]
+        # The end-to-end test: two noise rates of one method, which the report
+        # must keep apart (the full sweep adds LoRA through the same code).
+        return [{"arg": "method=full,noise=0"}, {"arg": "method=full,noise=0.5"}]
     return [
         {"arg": f"method={m},noise={n:g}"} for m in ("full", "lora,rank=16") for n in NOISE_RATES
     ]

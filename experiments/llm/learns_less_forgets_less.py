@@ -20,9 +20,9 @@ tuned models with the lm-evaluation-harness (through `ftjax.eval.lm_eval_adapter
 gsm8k as the target, hellaswag, arc_challenge and winogrande as the general
 tasks the paper averages for forgetting. The paper's claim to check: LoRA
 reaches lower GSM8K accuracy than full fine-tuning and loses less of the
-general average. Nothing here is a CPU-sized number; expect hours on one
-80 GB GPU per run at the defaults (steps=2000, batch 32 x 1024 tokens on a 7B
-model; `method=full` needs FSDP across several GPUs: --config.parallel.mode=fsdp).
+general average. Nothing here is CPU-sized and no run time has been measured:
+the defaults are steps=2000 of 32 x 1024 tokens on a 7B model, and
+`method=full` at 7B needs FSDP across several GPUs (--config.parallel.mode=fsdp).
 
 Arg keys: those of experiments/llm/sft.py (model, dataset, format, prompt,
 completion, steps, batch, seq_len, lr, method and its options, ...) plus
@@ -58,6 +58,7 @@ DEFAULTS = {
     **sft.DEFAULTS,
     "model": "meta-llama/Llama-2-7b-hf",
     "dataset": "meta-math/MetaMathQA",
+    "dataset_config": "",
     "split": "train",
     "eval_split": "",  # MetaMathQA has only a train split: 5% carved for eval
     "format": "prompt_completion",

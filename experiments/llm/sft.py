@@ -3,12 +3,16 @@ dataset (or a local file), with full fine-tuning, LoRA or QLoRA.
 
 On a GPU or TPU host (the model and dataset are downloaded on first use):
 
-    python scripts/train.py --workdir=runs/sft-qwen \
-        --config=experiments/llm/sft.py:model=Qwen/Qwen2.5-0.5B,dataset=HuggingFaceH4/no_robots,format=chat,method=lora
+    # the defaults: LoRA (r=16, every linear layer) of Qwen2.5-0.5B on GSM8K
+    python scripts/train.py --config=experiments/llm/sft.py --workdir=runs/sft-qwen
 
-    # QLoRA (NF4 base, LoRA r=16 on every linear layer) of a 7B model, prompt/completion data
+    # chat data (rendered with the tokenizer's chat template, assistant turns trained)
+    python scripts/train.py --workdir=runs/sft-chat \
+        --config=experiments/llm/sft.py:model=Qwen/Qwen2.5-0.5B-Instruct,dataset=HuggingFaceH4/no_robots,dataset_config=,format=chat,method=lora
+
+    # QLoRA (NF4 base, LoRA r=16 on every linear layer) of a 7B model
     python scripts/train.py --workdir=runs/sft-llama-qlora \
-        --config=experiments/llm/sft.py:model=meta-llama/Llama-2-7b-hf,dataset=openai/gsm8k,dataset_config=main,prompt=question,completion=answer,method=qlora
+        --config=experiments/llm/sft.py:model=meta-llama/Llama-2-7b-hf,method=qlora
 
     # several accelerators: shard parameters and optimizer state (FSDP)
     ... --config.parallel.mode=fsdp
@@ -46,12 +50,12 @@ from ftjax.train.optim import ConfigError
 
 DEFAULTS = dict(
     model="Qwen/Qwen2.5-0.5B",
-    dataset="HuggingFaceH4/no_robots",
-    dataset_config="",
+    dataset="openai/gsm8k",
+    dataset_config="main",
     split="train",
     eval_split="test",
     eval_data="",
-    format="chat",
+    format="prompt_completion",
     method="lora",
     steps="1000",
     batch="32",
@@ -60,6 +64,8 @@ DEFAULTS = dict(
     warmup="",  # default: 3% of steps
     dtype="bfloat16",
 )
+# GSM8K's column names; other datasets name theirs with prompt=..., completion=...
+DEFAULT_FIELDS = {"prompt": "question", "completion": "answer"}
 METHODS = ("full", "lora", "qlora")
 FIELD_KEYS = ("prompt", "completion", "text", "messages")
 # Base learning rate of full fine-tuning for pre-trained LLMs; `with_method`
@@ -122,6 +128,8 @@ def get_config(arg=None):
     args = parse_arg(arg)
     o = take(args, {**DEFAULTS, "tokenizer": ""})
     fields = {k: args.pop(k) for k in FIELD_KEYS if k in args}
+    if o["dataset"] == DEFAULTS["dataset"]:
+        fields = {**DEFAULT_FIELDS, **fields}
     method_options, rest = split_method_options(args)
     if rest:
         raise ConfigError(f"config arg: unknown key(s) {sorted(rest)} for the SFT config")

@@ -95,10 +95,11 @@ def write_standin(path: str, n: int = 400, seed: int = 0) -> str:
             name, food, kind = rng.choice(names), rng.choice(foods), rng.choice(kinds)
             area, price = rng.choice(areas), rng.choice(prices)
             mr = f"name[{name}], eatType[{kind}], food[{food}], priceRange[{price}], area[{area}]"
+            dish = food if food.endswith("food") else f"{food} food"
             ref = rng.choice([
-                f"{name} is a {price} {food} {kind} in the {area}.",
-                f"In the {area} there is a {kind} called {name} serving {price} {food} food.",
-                f"{name} serves {food} food at {price} prices; it is a {kind} in the {area}.",
+                f"{name} is a {price} {food} {kind} in the {area} area.",
+                f"In the {area} there is a {kind} called {name} serving {price} {dish}.",
+                f"{name} serves {dish} at {price} prices; it is a {kind} in the {area} area.",
             ])  # fmt: skip
             f.write(json.dumps({"meaning_representation": mr, "human_reference": ref}) + "\n")
     return path
@@ -137,7 +138,9 @@ def get_config(arg=None):
         if not data:
             data = os.path.join(cache_dir(), "e2e_standin", "train.jsonl")
             if not os.path.exists(data):
-                write_standin(data)
+                # Written aside and renamed: a concurrent run never reads half a file.
+                tmp = f"{data}.tmp{os.getpid()}"
+                os.replace(write_standin(tmp), data)
         cfg.data.sources.e2e = source_config(
             data, eval_path=eval_data, format="prompt_completion", **FIELDS
         )
