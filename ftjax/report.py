@@ -258,19 +258,28 @@ def findings(rows, metric) -> list[str]:
         f"({least_forget['forgetting'][0] * 100:.1f} points), target {metric} "
         f"{least_forget['target'][0] * 100:.1f}%."
     )
-    # The reference is plain full fine-tuning at its best target score.
-    full = sorted(
-        (r for r in ok if r["method"].get("name") == "full" and "replay" not in r["label"]),
-        key=lambda r: -r["target"][0],
-    )
-    peft_rows = [r for r in ok if r["method"].get("name") not in ("full",)]
-    if full and peft_rows:
-        f = full[0]
+    # The reference is plain full fine-tuning at its best target score, within
+    # the same variant (e.g. the same label-noise rate) as the rows compared.
+    variants = sorted({r["members"][0]["summary"].get("variant", "") for r in ok})
+    full = []
+    for variant in variants:
+        same = [r for r in ok if r["members"][0]["summary"].get("variant", "") == variant]
+        ref = sorted(
+            (r for r in same if r["method"].get("name") == "full" and "replay" not in r["label"]),
+            key=lambda r: -r["target"][0],
+        )
+        peft_rows = [r for r in same if r["method"].get("name") != "full"]
+        if not ref or not peft_rows:
+            continue
+        full.append(ref[0])
+        f = ref[0]
         learned_less = sum(r["target"][0] < f["target"][0] for r in peft_rows)
         forgot_less = sum(r["forgetting"][0] < f["forgetting"][0] for r in peft_rows)
+        where = f" ({variant})" if variant else ""
         out.append(
-            f"Against full fine-tuning, {learned_less} of {len(peft_rows)} PEFT configurations "
-            f"learned less on the target and {forgot_less} of {len(peft_rows)} forgot less."
+            f"Against full fine-tuning{where}, {learned_less} of {len(peft_rows)} PEFT "
+            f"configurations learned less on the target and {forgot_less} of {len(peft_rows)} "
+            "forgot less."
         )
     front = pareto_front([(r["target"][0], r["forgetting"][0]) for r in ok])
     out.append(
