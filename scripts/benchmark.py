@@ -1,6 +1,6 @@
 """Step time, tokens/s, MFU and memory per fine-tuning method, beside PyTorch + PEFT.
 
-    python scripts/benchmark.py --out=/tmp/bench/results.json            # ~10 min on 2 cores
+    python scripts/benchmark.py --out=/tmp/bench/results.json            # ~7 min on 2 idle cores
     python scripts/benchmark.py --quick --out=/tmp/bench/quick.json      # ~1 min
     python scripts/benchmark.py --preset=1b --dtype=bfloat16 --no-torch --peak_flops=989e12 \\
         --no-interleave --scan_layers                                     # a GPU
