@@ -6,7 +6,8 @@
         --no-interleave --scan_layers                                     # a GPU
 
 Prints a markdown table and writes it next to the JSON (`<out>.md`). See
-`ftjax/bench.py` for what is measured and how, and docs/benchmarks.md for results.
+`ftjax/bench/` (its `__init__` docstring) for what is measured and how, and
+docs/benchmarks.md for results.
 """
 
 import json
