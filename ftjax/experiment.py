@@ -159,22 +159,34 @@ def encode_prompts(tokenizer, prompts, add_bos: bool = True) -> list[list[int]]:
 
 
 def generate_answers(model, params, tokenizer, prompts, ecfg, add_bos: bool = True) -> list[str]:
+    """Greedy answers, in batches of `ecfg.batch_size` that all share one
+    shape (one prompt width; the last batch filled up with repeats whose
+    answers are dropped): one compiled program per eval set, not per batch."""
     from ftjax.eval import generate
 
     stop = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     encoded = encode_prompts(tokenizer, prompts, add_bos)
+    if not encoded:
+        return []
+    width = max(len(p) for p in encoded)
+    rows = min(ecfg.batch_size, len(encoded))
     texts = []
-    for i in range(0, len(encoded), ecfg.batch_size):
+    for i in range(0, len(encoded), rows):
+        batch = encoded[i : i + rows]
+        real = len(batch)
+        batch = batch + [batch[0]] * (rows - real)
         out = generate(
             model,
             params,
-            encoded[i : i + ecfg.batch_size],
+            batch,
             max_new_tokens=ecfg.max_new_tokens,
             stop_tokens=stop,
             pad_id=pad,
+            min_prompt_width=width,
         )
-        texts += tokenizer.batch_decode(out.sequences(strip_stop=True), skip_special_tokens=True)
+        sequences = out.sequences(strip_stop=True)[:real]
+        texts += tokenizer.batch_decode(sequences, skip_special_tokens=True)
     return texts
 
 

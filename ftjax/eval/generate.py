@@ -39,18 +39,21 @@ class GenerationOutput(NamedTuple):
         return out
 
 
-def left_pad(prompts: Sequence[Sequence[int]], pad_id: int = 0, multiple: int = 1):
+def left_pad(
+    prompts: Sequence[Sequence[int]], pad_id: int = 0, multiple: int = 1, min_width: int = 0
+):
     """(ids, mask) int32 arrays with every prompt right-aligned.
 
-    The padded length is rounded up to `multiple`, so that prompts of similar
-    lengths share one compiled program (as do token limits in `generate`).
+    The padded length (at least `min_width`) is rounded up to `multiple`, so
+    that prompts of similar lengths share one compiled program (as do token
+    limits in `generate`).
 
     >>> left_pad([[5, 6, 7], [8]], pad_id=0)
     (array([[5, 6, 7], [0, 0, 8]], dtype=int32), array([[1, 1, 1], [0, 0, 1]], dtype=int32))
     """
     if not prompts or any(len(p) == 0 for p in prompts):
         raise ValueError("every prompt needs at least one token (prepend BOS to empty prompts)")
-    width = max(len(p) for p in prompts)
+    width = max(max(len(p) for p in prompts), min_width)
     width = -(-width // multiple) * multiple
     ids = np.full((len(prompts), width), pad_id, np.int32)
     mask = np.zeros((len(prompts), width), np.int32)
@@ -149,6 +152,7 @@ def generate(
     rng: jax.Array | int = 0,
     pad_id: int = 0,
     pad_to_multiple: int = 8,
+    min_prompt_width: int = 0,
     max_length: int | None = None,
 ) -> GenerationOutput:
     """Generates up to `max_new_tokens` tokens after each prompt (token-id lists).
@@ -157,7 +161,9 @@ def generate(
     temperature, filtered by `top_k` (0: off) and `top_p` (1.0: off) and
     sampled. A row ends at its first token in `stop_tokens`; the loop ends when
     every row has. `max_length` (default: the model's max_position_embeddings)
-    bounds prompt plus new tokens.
+    bounds prompt plus new tokens. Prompts are left-padded to at least
+    `min_prompt_width` (rounded up to `pad_to_multiple`): batches padded to one
+    width (and one row count) share one compiled program.
 
     >>> out = generate(model, params, [[1, 5, 9], [1, 7]], max_new_tokens=16, stop_tokens=[2])
     >>> out.sequences()          # stop token stripped
@@ -169,7 +175,7 @@ def generate(
         raise ValueError(
             f"need temperature >= 0, 0 < top_p <= 1, top_k >= 0; got {temperature}, {top_p}, {top_k}"
         )
-    ids, mask = left_pad(prompts, pad_id, pad_to_multiple)
+    ids, mask = left_pad(prompts, pad_id, pad_to_multiple, min_prompt_width)
     context = max_length or model.cfg.max_position_embeddings
     longest = max(len(p) for p in prompts)
     if longest + max_new_tokens > context:
