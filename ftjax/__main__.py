@@ -3,6 +3,7 @@
 
     python -m ftjax                      # runs/forgetting/report.md
     python -m ftjax --workdir=DIR --quick
+    python -m ftjax --jobs=1             # one run at a time (default: one per core, up to 4)
 """
 
 import argparse
@@ -13,22 +14,33 @@ import sys
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
+def default_jobs() -> int:
+    """The study's model is too small to keep more than one or two cores busy
+    per run, so its runs share the machine: one per core, up to four."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return max(1, min(4, cores or 1))
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--workdir", default="runs/forgetting")
     parser.add_argument("--quick", action="store_true", help="seconds-long smoke version")
+    parser.add_argument(
+        "--jobs", type=int, default=default_jobs(),
+        help="fine-tuning runs at a time, each on its share of the cores (default: %(default)s)",
+    )  # fmt: skip
     args = parser.parse_args()
     study = os.path.join(ROOT, "experiments", "forgetting", "study.py")
     if not os.path.exists(study):
         print("error: experiments/ not found: run from a source checkout", file=sys.stderr)
         return 2
     config = study + (":quick=1" if args.quick else "")
-    for script, extra in (("sweep.py", [f"--config={config}", "--quiet"]), ("report.py", [])):
+    sweep = [f"--config={config}", "--quiet", f"--jobs={args.jobs}"]
+    for script, extra in (("sweep.py", sweep), ("report.py", [])):
         cmd = [sys.executable, os.path.join(ROOT, "scripts", script), f"--workdir={args.workdir}"]
         code = subprocess.call(cmd + extra)
         if code:
             return code
-    print(f"\nreport: {os.path.join(args.workdir, 'report.md')}")
     return 0
 
 

@@ -132,6 +132,50 @@ def ensure_suite(
     return paths, os.path.join(final, "tokenizer")
 
 
+# ----------------------------------------------------------------------------- suite studies
+
+
+def suite_study_config(model: dict) -> ml_collections.ConfigDict:
+    """The starting point of a study on the synthetic suite: a from-scratch
+    Llama-architecture model over the suite's 128-symbol tokenizer, AdamW with
+    a cosine schedule, and the default evaluation."""
+    from ftjax.train import default_config
+
+    cfg = default_config()
+    cfg.model.init.update(vocab_size=128, max_position_embeddings=128, **model)
+    cfg.optim.update(lr=3e-4, warmup_steps=20, schedule="cosine", weight_decay=0.01, clip_norm=1.0)
+    cfg.eval = default_eval_config()
+    return cfg
+
+
+def pretrain_on_general(cfg, paths: dict, tokenizer: str, steps: int, max_warmup: int):
+    """Makes `cfg` the stage that builds a study's base model: full training
+    from scratch on the suite's general tasks only; the target task stays
+    eval-only (the base must not know it). Exports HF weights for the
+    fine-tuning runs to load."""
+    from ftjax.data import suite_data_config
+
+    cfg.data = suite_data_config(paths, tokenizer, general_weight=1.0, target_weight=0.0)
+    cfg.optim.update(lr=3e-3, warmup_steps=min(max_warmup, steps // 4))
+    cfg.train.steps = steps
+    cfg.train.export_hf = True
+    cfg.eval.analysis = False
+    with_method(cfg, "full")
+    return cfg
+
+
+def seed_everything(cfg, value: str) -> None:
+    """`seed=N` in a study's arg: the model-side randomness (adapter init,
+    dropout) and the data order together. Seeding only the former would leave
+    full fine-tuning's seeds identical, and its spread over seeds a false 0."""
+    try:
+        seed = int(value)
+    except ValueError:
+        raise ConfigError(f"config arg seed={value!r}; expected an int") from None
+    cfg.train.seed = seed
+    cfg.data.seed = seed
+
+
 # ----------------------------------------------------------------------------- evaluation
 
 

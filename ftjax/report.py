@@ -296,6 +296,22 @@ def findings(rows, metric) -> list[str]:
     return out
 
 
+def _sharing_note(runs: list[dict]) -> list[str]:
+    """Runs a sweep ran side by side (`--jobs`) timed themselves on a share
+    of the machine: their tokens/s and wall times are not single-run speeds."""
+    shared = [r["summary"] for r in runs if (r["summary"].get("concurrent_runs") or 1) > 1]
+    if not shared:
+        return []
+    jobs = max(r["concurrent_runs"] for r in shared)
+    cores = sorted({r.get("cpu_cores") for r in shared if r.get("cpu_cores")})
+    on = f", each on {'/'.join(map(str, cores))} CPU core(s)" if cores else ""
+    return [
+        f"{len(shared)} of {len(runs)} runs ran {jobs} at a time{on}: their tokens/s and wall "
+        "times are speeds under that sharing, comparable with each other, not with a run alone.",
+        "",
+    ]
+
+
 def write_report(
     workdir: str, target: str = "target", general: str = "general", metric: str = "exact_match"
 ) -> str:
@@ -347,6 +363,7 @@ def write_report(
         "the runtime dominates it).",
         "",
     ]
+    lines += _sharing_note(runs)
     lines += ["## Findings", ""] + [f"- {s}" for s in findings(rows, metric)] + [""]
     extra_keys = sorted({k for r in rows for k in r["extra"]})
     if extra_keys:

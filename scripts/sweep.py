@@ -3,6 +3,7 @@
     python scripts/sweep.py --config=experiments/forgetting/study.py --workdir=runs/forgetting
     python scripts/sweep.py ... --emit=commands     # one command per run, for a scheduler
     python scripts/sweep.py ... --only=<run name>   # one run (what --emit prints)
+    python scripts/sweep.py ... --jobs=2            # two runs at a time, each on half the cores
 
 Finished runs are skipped; interrupted ones resume from their checkpoints.
 """
@@ -23,6 +24,12 @@ _QUIET = flags.DEFINE_bool("quiet", False, "Less output per step.")
 _ISOLATE = flags.DEFINE_bool(
     "isolate", True, "Run each run in its own process (per-run peak memory, no state carried over)."
 )
+_JOBS = flags.DEFINE_integer(
+    "jobs",
+    1,
+    "Runs at a time (each in its own process, pinned to its share of the CPU cores; "
+    "its output goes to <run>/run.log). Small models gain: one run cannot keep every core busy.",
+)
 flags.mark_flags_as_required(["config", "workdir"])
 
 
@@ -33,21 +40,38 @@ def main(argv):
     from ftjax.train import train
     from ftjax.train.loop import write_summary
 
-    def run_in_subprocess(spec, run_dir):
+    def run_in_subprocess(spec, run_dir, cores=None):
         import json
         import subprocess
 
+        from ftjax.sweep import RunFailed
+
         cmd = [sys.executable, os.path.abspath(__file__), f"--config={_CONFIG.value}",
                f"--workdir={_WORKDIR.value}", f"--only={spec.name}", f"--quiet={_QUIET.value}"]  # fmt: skip
-        code = subprocess.call(cmd)
+        log = None
+        if _JOBS.value > 1:  # concurrent runs: their progress bars would interleave
+            os.makedirs(run_dir, exist_ok=True)
+            log = os.path.join(run_dir, "run.log")
+        pin = (lambda: os.sched_setaffinity(0, cores)) if cores else None
+        with open(log, "a") if log else open(os.devnull) as sink:
+            stream = sink if log else None
+            code = subprocess.call(cmd, stdout=stream, stderr=stream, preexec_fn=pin)
         if code:
-            sys.exit(code)  # the run printed its own error line
+            if log is None:
+                sys.exit(code)  # the run printed its own error line
+            raise RunFailed(spec.name, code, log)
         with open(os.path.join(run_dir, "summary.json")) as f:
-            return json.load(f)
+            summary = json.load(f)
+        if _JOBS.value > 1 and summary.get("status") == "completed":
+            # Its speed was measured sharing the machine: say so beside the figures.
+            summary["concurrent_runs"] = _JOBS.value
+            summary["cpu_cores"] = len(cores) if cores else os.cpu_count()
+            write_summary(run_dir, summary)
+        return summary
 
-    def run_one(spec, run_dir):
-        if _ISOLATE.value and not _ONLY.value:
-            return run_in_subprocess(spec, run_dir)
+    def run_one(spec, run_dir, cores=None):
+        if (_ISOLATE.value or _JOBS.value > 1) and not _ONLY.value:
+            return run_in_subprocess(spec, run_dir, cores)
         result = train(spec.config, run_dir, quiet=_QUIET.value)
         if result.summary.get("status") != "completed":
             sys.exit(0)  # preempted: the checkpoint is saved; rerun to resume
@@ -58,7 +82,25 @@ def main(argv):
         evaluate_run(result, spec.config, run_dir)
         return result.summary
 
-    run_sweep(_CONFIG.value, _WORKDIR.value, run_one, only=_ONLY.value, emit=_EMIT.value)
+    from ftjax.sweep import RunFailed
+
+    try:
+        run_sweep(_CONFIG.value, _WORKDIR.value, run_one, only=_ONLY.value, emit=_EMIT.value,
+                  jobs=_JOBS.value)  # fmt: skip
+    except RunFailed as e:
+        last = _last_line(e.log)
+        print(f"error: {e}" + (f": {last}" if last else ""), file=sys.stderr)
+        sys.exit(e.code)
+
+
+def _last_line(path: str) -> str:
+    """The failed run's own error line (the last non-empty line of its log)."""
+    try:
+        with open(path, errors="replace") as f:
+            lines = [line.strip() for line in f if line.strip()]
+    except OSError:
+        return ""
+    return lines[-1] if lines else ""
 
 
 if __name__ == "__main__":

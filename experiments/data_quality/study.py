@@ -48,13 +48,13 @@ purpose: memorizing individual wrong labels needs repeated exposure.
 
 from ftjax.data import suite_data_config
 from ftjax.experiment import (
-    default_eval_config,
     ensure_suite,
     parse_arg,
+    pretrain_on_general,
     split_method_options,
+    suite_study_config,
     with_method,
 )
-from ftjax.train import default_config
 from ftjax.train.optim import ConfigError
 
 NOISE_RATES = (0.0, 0.2, 0.5)
@@ -109,11 +109,8 @@ def get_config(arg=None):
     # Same seed and sizes: the general sets and the target eval set are
     # identical across noise rates; only target_train's labels differ.
     paths, tokenizer = ensure_suite(seed=0, label_noise=noise, **size["suite"])
-    cfg = default_config()
-    cfg.model.init.update(vocab_size=128, max_position_embeddings=128, **size["model"])
-    cfg.optim.update(lr=3e-4, warmup_steps=20, schedule="cosine", weight_decay=0.01, clip_norm=1.0)
+    cfg = suite_study_config(size["model"])
     cfg.train.update(log_every=20, keep=1, tensorboard=False)
-    cfg.eval = default_eval_config()
     cfg.eval.max_examples = size["eval_examples"]  # per eval set, and corrupted prompts scored
     cfg.eval.max_new_tokens = 12  # the longest answer (a sorted 10-letter word) + EOS
     cfg.eval.memorization = True
@@ -122,13 +119,7 @@ def get_config(arg=None):
         cfg.optim.warmup_steps = 2
         cfg.eval.max_new_tokens = 4
     if stage == "pretrain":
-        # General tasks only; the target task stays eval-only so the base cannot do it.
-        cfg.data = suite_data_config(paths, tokenizer, general_weight=1.0, target_weight=0.0)
-        cfg.optim.update(lr=3e-3, warmup_steps=min(50, size["pretrain_steps"] // 4))
-        cfg.train.steps = size["pretrain_steps"]
-        cfg.train.export_hf = True
-        cfg.eval.analysis = False
-        with_method(cfg, "full")
+        pretrain_on_general(cfg, paths, tokenizer, size["pretrain_steps"], max_warmup=50)
         cfg.data.batch_size = size["pretrain_batch_size"]
     else:
         cfg.data = suite_data_config(paths, tokenizer, general_weight=0.0, target_weight=1.0)

@@ -36,13 +36,14 @@ test suite runs it). Measured wall time and results: README, "Forgetting".
 
 from ftjax.data import suite_data_config
 from ftjax.experiment import (
-    default_eval_config,
     ensure_suite,
     parse_arg,
+    pretrain_on_general,
+    seed_everything,
     split_method_options,
+    suite_study_config,
     with_method,
 )
-from ftjax.train import default_config
 from ftjax.train.optim import ConfigError
 
 FULL = dict(
@@ -101,6 +102,7 @@ def get_config(arg=None):
     size = QUICK if args.pop("quick", "0") in ("1", "true") else FULL
     method = args.pop("method", "full")
     replay = float(args.pop("replay", "0"))
+    seed = args.pop("seed", "0")
     args.pop("lr_grid", None)  # a sweep switch, not a run setting
     method_options, rest = split_method_options(args)
     if rest:
@@ -109,11 +111,8 @@ def get_config(arg=None):
         raise ConfigError(f"config arg stage={stage!r}; expected pretrain or finetune")
 
     paths, tokenizer = ensure_suite(seed=0, **size["suite"])
-    cfg = default_config()
-    cfg.model.init.update(vocab_size=128, max_position_embeddings=128, **size["model"])
-    cfg.optim.update(lr=3e-4, warmup_steps=20, schedule="cosine", weight_decay=0.01, clip_norm=1.0)
+    cfg = suite_study_config(size["model"])
     cfg.train.update(log_every=10, keep=1)
-    cfg.eval = default_eval_config()
     cfg.eval.max_new_tokens = 36
     cfg.study = dict(name="forgetting", stage=stage, manifest=paths["manifest"], label="")
     if size is QUICK:
@@ -121,14 +120,7 @@ def get_config(arg=None):
         cfg.optim.warmup_steps = 2
         cfg.eval.max_new_tokens = 8
     if stage == "pretrain":
-        # The base model: full training from scratch on the general tasks only;
-        # the target task stays eval-only (the base must not know it).
-        cfg.data = suite_data_config(paths, tokenizer, general_weight=1.0, target_weight=0.0)
-        cfg.optim.update(lr=3e-3, warmup_steps=min(100, size["pretrain_steps"] // 4))
-        cfg.train.steps = size["pretrain_steps"]
-        cfg.train.export_hf = True
-        cfg.eval.analysis = False
-        with_method(cfg, "full")
+        pretrain_on_general(cfg, paths, tokenizer, size["pretrain_steps"], max_warmup=100)
     else:
         # General data is eval-only (it measures forgetting), except with replay:
         # then that share of every batch comes from the general tasks.
@@ -144,6 +136,8 @@ def get_config(arg=None):
         with_method(cfg, method, method_options)
     cfg.data.batch_size = size["batch_size"]
     cfg.data.max_eval_examples = size["suite"]["target_eval"]
+    if stage == "finetune":
+        seed_everything(cfg, seed)
     cfg.eval.max_examples = size["eval_examples"]
     return cfg
 
@@ -157,10 +151,10 @@ def get_sweep(arg=None):
     if args.get("quick") in ("1", "true"):
         # The end-to-end test: a few methods, two seeds for one of them.
         return [
-            {"arg": "method=full", "train.seed": 0},
-            {"arg": "method=full", "train.seed": 1},
-            {"arg": "method=lora,rank=4", "train.seed": 0},
-            {"arg": "method=qlora,rank=4", "train.seed": 0},
+            {"arg": "method=full,seed=0"},
+            {"arg": "method=full,seed=1"},
+            {"arg": "method=lora,rank=4,seed=0"},
+            {"arg": "method=qlora,rank=4,seed=0"},
         ]
     if args.get("lr_grid") in ("1", "true"):
         return [
@@ -169,7 +163,7 @@ def get_sweep(arg=None):
             for lr in grid
         ]
     return [
-        {"arg": method_arg, "optim.lr": lr, "train.seed": seed}
+        {"arg": f"{method_arg},seed={seed}", "optim.lr": lr}
         for seed in (0, 1)
         for method_arg, lr in METHODS.values()
     ]
