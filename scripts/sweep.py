@@ -48,21 +48,30 @@ def main(argv):
 
         cmd = [sys.executable, os.path.abspath(__file__), f"--config={_CONFIG.value}",
                f"--workdir={_WORKDIR.value}", f"--only={spec.name}", f"--quiet={_QUIET.value}"]  # fmt: skip
+        env = {**os.environ, _PARENT_ENV: str(os.getpid())}
+        if cores:
+            env[_CPUS_ENV] = ",".join(map(str, cores))
         log = None
         if _JOBS.value > 1:  # concurrent runs: their progress bars would interleave
             os.makedirs(run_dir, exist_ok=True)
             log = os.path.join(run_dir, "run.log")
-        pin = (lambda: os.sched_setaffinity(0, cores)) if cores else None
         with open(log, "a") if log else open(os.devnull) as sink:
             stream = sink if log else None
-            code = subprocess.call(cmd, stdout=stream, stderr=stream, preexec_fn=pin)
+            child = subprocess.Popen(cmd, stdout=stream, stderr=stream, env=env)
+            _CHILDREN.add(child)
+            try:
+                code = child.wait()
+            finally:
+                _CHILDREN.discard(child)
         if code:
             if log is None:
                 sys.exit(code)  # the run printed its own error line
             raise RunFailed(spec.name, code, log)
         with open(os.path.join(run_dir, "summary.json")) as f:
             summary = json.load(f)
-        if _JOBS.value > 1 and summary.get("status") == "completed":
+        if summary.get("status") != "completed":
+            raise SystemExit(0)  # preempted: its checkpoint is saved; rerun to resume
+        if _JOBS.value > 1:
             # Its speed was measured sharing the machine: say so beside the figures.
             summary["concurrent_runs"] = _JOBS.value
             summary["cpu_cores"] = len(cores) if cores else os.cpu_count()
@@ -84,6 +93,7 @@ def main(argv):
 
     from ftjax.sweep import RunFailed
 
+    _forward_sigterm()
     try:
         run_sweep(_CONFIG.value, _WORKDIR.value, run_one, only=_ONLY.value, emit=_EMIT.value,
                   jobs=_JOBS.value)  # fmt: skip
@@ -91,6 +101,48 @@ def main(argv):
         last = _last_line(e.log)
         print(f"error: {e}" + (f": {last}" if last else ""), file=sys.stderr)
         sys.exit(e.code)
+
+
+# A run started by a sweep: the sweep's pid, and the CPUs the run may use.
+_PARENT_ENV, _CPUS_ENV = "FTJAX_SWEEP_PARENT", "FTJAX_SWEEP_CPUS"
+_CHILDREN: set = set()  # the run processes this sweep is waiting on
+
+
+def _adopt_sweep_settings() -> None:
+    """In a run started by a sweep, before JAX starts (XLA sizes its thread
+    pool by the CPUs a process may use): pin to the given CPUs, and ask Linux
+    for SIGTERM when the sweep dies, even by SIGKILL. SIGTERM makes the run
+    checkpoint and exit, so no orphan keeps writing to a run directory that a
+    rerun of the sweep would resume."""
+    cpus = os.environ.pop(_CPUS_ENV, "")
+    if cpus and hasattr(os, "sched_setaffinity"):
+        os.sched_setaffinity(0, {int(c) for c in cpus.split(",")})
+    parent = os.environ.pop(_PARENT_ENV, "")
+    if parent and sys.platform.startswith("linux"):
+        import ctypes
+        import signal
+
+        try:
+            ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+        except (OSError, AttributeError):
+            return
+        if str(os.getppid()) != parent:  # the sweep died before the request took hold
+            os.kill(os.getpid(), signal.SIGTERM)
+
+
+def _forward_sigterm() -> None:
+    """A sweep told to stop passes SIGTERM on to its runs (they checkpoint and
+    exit) and exits once they have: rerunning the same command resumes them."""
+    import signal
+
+    def handler(signum, frame):
+        for child in list(_CHILDREN):
+            child.send_signal(signal.SIGTERM)
+        for child in list(_CHILDREN):
+            child.wait()
+        sys.exit(128 + signum)
+
+    signal.signal(signal.SIGTERM, handler)
 
 
 def _last_line(path: str) -> str:
@@ -104,4 +156,5 @@ def _last_line(path: str) -> str:
 
 
 if __name__ == "__main__":
+    _adopt_sweep_settings()
     app.run(lambda argv: run_main(main, argv), flags_parser=parse_flags)

@@ -31,7 +31,8 @@ def script(name, *args, check=True):
 @pytest.fixture(scope="module")
 def sweep_dir(tmp_path_factory):
     d = tmp_path_factory.mktemp("sweep")
-    script("sweep.py", f"--config={STUDY}:quick=1", f"--workdir={d}", "--quiet")
+    # Two runs at a time, as `python -m ftjax` runs the study on a 2-core machine.
+    script("sweep.py", f"--config={STUDY}:quick=1", f"--workdir={d}", "--quiet", "--jobs=2")
     return d
 
 
@@ -64,6 +65,14 @@ def test_every_run_has_its_files(sweep_dir):
     assert (sweep_dir / "method=lora,rank=4,seed=0" / "adapter" / "adapter_config.json").exists()
     # The base model was exported in HF layout for the fine-tuning runs.
     assert (sweep_dir / "base" / "hf" / "model.safetensors").exists()
+    # Concurrent runs logged to files and recorded that they shared the machine.
+    assert s["concurrent_runs"] == 2 and (sweep_dir / "method=full,seed=1" / "run.log").exists()
+    # Seeds change the data order too: full tuning's two seeds differ.
+    f0, f1 = (
+        json.loads((sweep_dir / f"method=full,seed={k}" / "summary.json").read_text())
+        for k in (0, 1)
+    )
+    assert f0["final/target/loss"] != f1["final/target/loss"]
 
 
 def test_report_tables_and_plots(sweep_dir):
@@ -74,6 +83,7 @@ def test_report_tables_and_plots(sweep_dir):
     assert "± " in md
     assert "lora r=4 all-linear" in md and "qlora r=4 all-linear" in md
     assert "## Findings" in md and "Pareto front" in md
+    assert "4 of 4 runs ran 2 at a time" in md
     for png in (
         "learning_vs_forgetting.png",
         "training_curves.png",
@@ -150,3 +160,105 @@ def test_sweep_override_of_missing_field_and_empty_report(tmp_path):
     assert "error: sweep entry 0: unknown config key 'optim.lrate'" in out.stderr
     out = script("report.py", f"--workdir={tmp_path}", check=False)
     assert out.returncode == 2 and "no completed runs" in out.stderr.strip().splitlines()[-1]
+
+
+def _sweep_study(tmp_path, n):
+    study = tmp_path / "study.py"
+    study.write_text(
+        "from ftjax.train import default_config\n"
+        "def get_config(arg=None):\n    return default_config()\n"
+        f"def get_sweep():\n    return [{{'train.seed': i}} for i in range({n})]\n"
+    )
+    return str(study)
+
+
+def test_parallel_sweep_pins_runs_and_stops_at_a_failure(tmp_path):
+    """run_sweep with jobs=2 (run_one stubbed: no training): two runs at a
+    time on disjoint cores; after a failure no new run starts, the running one
+    finishes, and the failure is raised naming the run and its log."""
+    import threading
+    import time
+
+    from ftjax.sweep import RunFailed, core_groups, run_sweep
+
+    groups = core_groups(2)
+    if os.cpu_count() >= 2 and hasattr(os, "sched_getaffinity"):
+        assert set(groups[0]).isdisjoint(groups[1]) and groups[0] and groups[1]
+    lock, active, seen = threading.Lock(), [0], []
+
+    def run_one(spec, run_dir, cores=None):
+        with lock:
+            active[0] += 1
+            seen.append((spec.name, cores, active[0]))
+        time.sleep(0.2)
+        with lock:
+            active[0] -= 1
+        if spec.name == "seed=1":
+            raise RunFailed(spec.name, 3, os.path.join(run_dir, "run.log"))
+        return {"status": "completed", "name": spec.name}
+
+    import io
+
+    with pytest.raises(RunFailed, match=r"run seed=1 failed with exit code 3 \(log: .*run.log\)"):
+        run_sweep(
+            _sweep_study(tmp_path, 5), str(tmp_path / "w"), run_one, jobs=2, out=io.StringIO()
+        )
+    names = [name for name, _, _ in seen]
+    assert names[:2] == ["seed=0", "seed=1"] and max(n for _, _, n in seen) == 2
+    # seed=0 and seed=1 ran together; at most one more started before seed=1 failed.
+    assert len(names) <= 3 and "seed=4" not in names
+    assert {c for _, c, _ in seen[:2]} == set(groups)
+
+
+def test_parallel_sweep_failure_is_one_line(tmp_path):
+    out = script(
+        "sweep.py", f"--config={STUDY}:quick=1", f"--workdir={tmp_path}", "--jobs=0", check=False
+    )
+    assert out.returncode != 0 and "--jobs=0; expected an int >= 1" in out.stderr
+
+
+def test_killed_sweep_resumes_to_the_same_results(sweep_dir, tmp_path):
+    """SIGKILL the sweep while its runs train: the runs get SIGTERM from the
+    kernel (they checkpoint and exit, no orphan keeps writing); the same
+    command then finishes only what was missing, with the uninterrupted
+    sweep's numbers."""
+    import time
+
+    work = tmp_path / "w"
+    args = [f"--config={STUDY}:quick=1", f"--workdir={work}", "--quiet", "--jobs=2"]
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    proc = subprocess.Popen(
+        [sys.executable, os.path.join(ROOT, "scripts", "sweep.py"), *args],
+        env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )  # fmt: skip
+    deadline = time.time() + 600
+    while not list(work.glob("method=*/metrics.jsonl")):  # fine-tuning has begun
+        assert proc.poll() is None and time.time() < deadline, proc.stdout.read()
+        time.sleep(0.5)
+    proc.kill()
+    proc.wait()
+    time.sleep(8)  # the orphaned runs save and exit on their SIGTERM
+    leftover = subprocess.run(["pgrep", "-f", f"--workdir={work}"], capture_output=True, text=True)
+    assert leftover.stdout.strip() == "", "runs outlived their sweep"
+
+    def completed(run_dir):
+        path = run_dir / "summary.json"
+        return path.exists() and json.loads(path.read_text()).get("status") == "completed"
+
+    done_before = {p.name for p in work.glob("*") if completed(p)}
+    interrupted = {p.name for p in work.glob("method=*") if not completed(p)}
+    assert "base" in done_before and interrupted, (done_before, interrupted)
+    out = script("sweep.py", *args)
+    for name in done_before:
+        assert f"{name}: finished, skipped" in out.stdout, name
+    resumed = [
+        n for n in interrupted
+        if json.loads((work / n / "summary.json").read_text()).get("resumed_from") is not None
+    ]  # fmt: skip
+    assert resumed, "no run resumed from the checkpoint its SIGTERM saved"
+    for run in ("method=full,seed=0", "method=full,seed=1", "method=lora,rank=4,seed=0"):
+        want = json.loads((sweep_dir / run / "summary.json").read_text())
+        got = json.loads((work / run / "summary.json").read_text())
+        assert got["steps"] == want["steps"]
+        for key in ("final/target/loss", "final/general/loss", "final/target/exact_match"):
+            assert got[key] == pytest.approx(want[key], rel=1e-5, abs=1e-6), (run, key)
