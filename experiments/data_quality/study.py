@@ -13,24 +13,25 @@ The report gives, per method and noise rate:
                        where the model now answers the wrong label it was trained on
   corrupted_recovered  ... the share where it answers the true label anyway
 
-    python scripts/sweep.py --config=experiments/data_quality/study.py --workdir=runs/data_quality
+    python scripts/sweep.py --config=experiments/data_quality/study.py --workdir=runs/data_quality \
+        --jobs=2
     python scripts/report.py --workdir=runs/data_quality
 
 One run by hand (after the base exists in runs/data_quality/base):
     python scripts/train.py --config=experiments/data_quality/study.py:method=lora,noise=0.5 \
         --config.model.checkpoint=runs/data_quality/base/hf --workdir=runs/dq-one
 
-Expected on a 2-core CPU: the whole sweep (base + 6 runs) in 9 minutes
-(542 s measured on a shared machine at load average ~6). The runs are
-deterministic; the measured result (one seed, so differences of a few points
-are noise; docs/studies.md has the full table):
+Measured on an idle 2-core CPU: the whole sweep (base + 6 runs, `--jobs=2`) in
+177 s (542 s one run at a time on a machine shared with other jobs). The runs
+are deterministic for a given thread count; the measured result (one seed, so
+differences of a few points are noise; the README has the full table):
 
     run          target  forgetting  memorized_wrong  corrupted_recovered
     full   0%     93.8      31.2           -                 -
     full  20%     60.0      28.7          15.0              47.5
     full  50%     20.0      25.0          21.2              26.2
     LoRA   0%    100.0      35.0           -                 -
-    LoRA  20%     97.5      32.5           1.2              93.8
+    LoRA  20%     97.5      31.2           1.2              93.8
     LoRA  50%     23.8      33.8          10.0              28.7
 
 i.e. at 20% noise full fine-tuning memorizes 15% of the wrong labels and loses

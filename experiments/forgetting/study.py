@@ -7,7 +7,7 @@ lookup); each method then fine-tunes it on the "target" task (a rot-3 cipher)
 with the same data, steps and schedule. Exact-match accuracy on held-out
 target and general prompts, before and after, gives learning and forgetting.
 
-    python scripts/sweep.py --config=experiments/forgetting/study.py --workdir=runs/forgetting
+    python scripts/sweep.py --config=experiments/forgetting/study.py --workdir=runs/forgetting --jobs=2
     python scripts/report.py --workdir=runs/forgetting
 
 One run by hand (after the base exists):
