@@ -204,6 +204,8 @@ def test_learns_less_forgets_less_offline(llama_dir, sft_data, tmp_path):
     assert keys["forgetting/harness_general/score_drop"] == pytest.approx(
         keys["base/harness_general/score"] - keys["final/harness_general/score"]
     )
+    # A sweep-wide pass scores only runs not yet scored: this one is.
+    assert harness.evaluate_sweep(str(run.parent)) == []
 
 
 def test_hub_names_fail_offline_with_one_line(llama_dir, sft_data, tmp_path):

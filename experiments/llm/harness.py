@@ -152,21 +152,15 @@ def evaluate_run_dir(run_dir: str, hcfg: dict | None = None) -> dict:
 
 
 def evaluate_sweep(workdir: str) -> list[str]:
-    """Every completed, not yet scored run of the sweep; returns their names."""
+    """Every completed, not yet scored run of the sweep (the runs the report
+    reads); returns their names."""
+    from ftjax.report import load_runs
+
     done = []
-    for name in sorted(os.listdir(workdir)):
-        run_dir = os.path.join(workdir, name)
-        path = os.path.join(run_dir, "summary.json")
-        if not os.path.isfile(path):
-            continue
-        with open(path) as f:
-            summary = json.load(f)
-        if summary.get("status") != "completed" or os.path.exists(
-            os.path.join(run_dir, "harness.json")
-        ):
-            continue
-        evaluate_run_dir(run_dir)
-        done.append(name)
+    for run in load_runs(workdir):
+        if not os.path.exists(os.path.join(run["dir"], "harness.json")):
+            evaluate_run_dir(run["dir"])
+            done.append(run["name"])
     return done
 
 
