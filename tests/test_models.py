@@ -15,6 +15,7 @@ from hf_fixtures import TINY_CONFIGS, VOCAB, build_tiny, save_tiny, torch_logits
 
 from ftjax.models import (
     CheckpointError,
+    layers,
     ModelConfig,
     build_model,
     from_pretrained,
@@ -40,9 +41,12 @@ def _inputs():
     return ids, mask
 
 
+@pytest.mark.parametrize("blocks", [False, True])
 @pytest.mark.parametrize("scan", [False, True])
 @pytest.mark.parametrize("family", FAMILIES)
-def test_logits_match_transformers(checkpoints, family, scan):
+def test_logits_match_transformers(checkpoints, family, scan, blocks, monkeypatch):
+    if blocks:  # causal block attention, which long sequences take, on 12 tokens
+        monkeypatch.setattr(layers, "CAUSAL_BLOCK_MIN", 4)
     ids, mask = _inputs()
     torch_model = build_tiny(family)
     model, params = from_pretrained(checkpoints[family], scan_layers=scan)
@@ -197,3 +201,45 @@ def test_hub_id_offline_fails_with_one_line():
 def test_nonexistent_local_path():
     with pytest.raises(CheckpointError, match="no such checkpoint directory"):
         from_pretrained("./does/not/exist")
+
+
+def _attention_f64(q, k, v, mask, scale):
+    """Reference attention in float64 numpy; q (B,T,N,H), k/v (B,S,K,H)."""
+    q, k, v = (np.asarray(a, np.float64) for a in (q, k, v))
+    groups = q.shape[2] // k.shape[2]
+    k, v = np.repeat(k, groups, axis=2), np.repeat(v, groups, axis=2)
+    s = np.einsum("btnh,bsnh->bnts", q, k) * scale
+    s = np.where(mask, s, -np.inf)
+    p = np.exp(s - s.max(-1, keepdims=True))
+    p /= p.sum(-1, keepdims=True)
+    return np.einsum("bnts,bsnh->btnh", p, v)
+
+
+@pytest.mark.parametrize("t", [256, 200])  # 4 equal blocks; uneven blocks
+def test_causal_block_attention_equals_float64_attention(t):
+    """The blocked path that training takes for long sequences, with grouped
+    heads, packed segments and right padding, against a float64 reference;
+    its gradients against those of `jax.nn.dot_product_attention`."""
+    rng = np.random.default_rng(0)
+    b, n, kv, h = 2, 4, 2, 16
+    q, k, v = (rng.normal(size=(b, t, x, h)).astype(np.float32) for x in (n, kv, kv))
+    index = np.broadcast_to(np.arange(t), (b, t))
+    valid = np.ones((b, t), bool)
+    valid[1, t - 37 :] = False  # right padding
+    segments = (np.arange(t) >= t // 3).astype(np.int32)[None].repeat(b, 0) + 1
+    mask = np.asarray(layers.attention_mask(index, index, valid, segments, segments))
+    got = layers.dot_product_attention(q, k, v, mask, h**-0.5, causal=True)
+    assert t >= 2 * layers.CAUSAL_BLOCK_MIN  # the blocked path, not the fallback
+    want = _attention_f64(q, k, v, mask, h**-0.5)
+    rows = mask.any(-1)[:, 0]  # (B, T): query rows that see at least one key
+    np.testing.assert_allclose(np.asarray(got)[rows], want[rows], atol=2e-5, rtol=0)
+
+    def loss(fn):
+        return lambda q, k, v: jnp.sum(jnp.sin(fn(q, k, v)) * rows[..., None, None])
+
+    blocked = lambda q, k, v: layers.causal_block_attention(q, k, v, mask, h**-0.5)
+    dense = lambda q, k, v: jax.nn.dot_product_attention(q, k, v, mask=mask, scale=h**-0.5)
+    for g_blocked, g_dense in zip(
+        jax.grad(loss(blocked), (0, 1, 2))(q, k, v), jax.grad(loss(dense), (0, 1, 2))(q, k, v)
+    ):
+        np.testing.assert_allclose(g_blocked, g_dense, atol=2e-5, rtol=0)

@@ -17,7 +17,8 @@ def _attention_einsum():
 
     from ftjax.models import layers
 
-    def attention(q, k, v, mask, scale=None):
+    def attention(q, k, v, mask, scale=None, causal=False):
+        del causal
         b, t, n, h = q.shape
         groups = n // k.shape[2]
         scale = h**-0.5 if scale is None else scale
@@ -26,6 +27,20 @@ def _attention_einsum():
         s = jnp.where(mask[:, :, None], s, jnp.finfo(jnp.float32).min)
         p = jax.nn.softmax(s, axis=-1).astype(v.dtype)
         return jnp.einsum("bkgts,bskh->btkgh", p, v).reshape(b, t, n, h)
+
+    layers.dot_product_attention = attention
+
+
+def _attention_dense():
+    """The whole score matrix through `jax.nn.dot_product_attention`, as before
+    `layers.causal_block_attention` (the A/B of that change)."""
+    import jax
+
+    from ftjax.models import layers
+
+    def attention(q, k, v, mask, scale=None, causal=False):
+        del causal
+        return jax.nn.dot_product_attention(q, k, v, mask=mask, scale=scale)
 
     layers.dot_product_attention = attention
 
@@ -95,6 +110,7 @@ def _lora_materialize():
 PATCHES: dict = {
     "lora_materialize": _lora_materialize,
     "attention_einsum": _attention_einsum,
+    "attention_dense": _attention_dense,
     "qlora_remat": _qlora_remat,
     "grad_barrier": _grad_barrier,
 }
@@ -110,6 +126,7 @@ VARIANTS: dict = {
     "scan": {"model": {"scan_layers": True}},
     "remat": {"model": {"remat": True}},
     "attention_einsum": {"patches": ["attention_einsum"]},
+    "attention_dense": {"patches": ["attention_dense"]},
     "qlora_remat": {"patches": ["qlora_remat"]},
     "grad_barrier": {"patches": ["grad_barrier"]},
     "lora_materialize": {"patches": ["lora_materialize"]},
