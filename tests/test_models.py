@@ -15,11 +15,11 @@ from hf_fixtures import TINY_CONFIGS, VOCAB, build_tiny, save_tiny, torch_logits
 
 from ftjax.models import (
     CheckpointError,
-    layers,
     ModelConfig,
     build_model,
     from_pretrained,
     init_kv_cache,
+    layers,
     safetensors_io,
     save_pretrained,
 )
