@@ -50,5 +50,5 @@ def test_bad_method_is_one_error_line():
     assert result.returncode != 0
     lines = [line for line in result.stderr.splitlines() if line.startswith("error:")]
     assert lines == [
-        "error: peft.name: unknown method 'lroa'; known: bitfit, dora, freeze, full, lora, qlora"
+        "error: method.name: unknown method 'lroa'; known: bitfit, dora, freeze, full, lora, qlora"
     ]

@@ -121,7 +121,7 @@ def test_full_bitfit_freeze_select_what_they_say():
     assert freeze.count(params)[0] == per_layer
     with_head = peft.build_method({"name": "freeze", "last_layers": 1, "trainable": "lm_head"})
     assert with_head.count(params)[0] == per_layer + 32 * 50
-    with pytest.raises(peft.PeftError, match="peft.last_layers: .*scan_layers=False"):
+    with pytest.raises(peft.PeftError, match="method.last_layers: .*scan_layers=False"):
         freeze.split(stacked(LLAMA))
 
 
@@ -155,7 +155,7 @@ def test_target_matching_nothing_lists_available_paths():
     with pytest.raises(peft.TargetError) as e:
         adapted(LLAMA, {"name": "lora", "targets": "qkv_proj"})
     msg = one_line(e)
-    assert msg.startswith("peft.targets: 'qkv_proj' matches no kernel; available: ")
+    assert msg.startswith("method.targets: 'qkv_proj' matches no kernel; available: ")
     assert "model/layers_*/self_attn/q_proj/kernel" in msg and "(22 in all)" in msg
 
 
@@ -164,7 +164,7 @@ def test_rank_larger_than_a_matrix_side_names_the_path():
         adapted(LLAMA, {"name": "lora", "rank": 17, "targets": "qv"})
     msg = one_line(e)
     assert (
-        "peft.rank: 17 exceeds min(in, out) = 16 of model/layers_0/self_attn/v_proj/kernel" in msg
+        "method.rank: 17 exceeds min(in, out) = 16 of model/layers_0/self_attn/v_proj/kernel" in msg
     )
 
 
@@ -172,12 +172,12 @@ def test_unknown_method_and_option():
     with pytest.raises(peft.UnknownMethodError) as e:
         peft.build_method({"name": "lroa", "rank": 8})
     assert one_line(e) == (
-        "peft.name: unknown method 'lroa'; known: bitfit, dora, freeze, full, lora, qlora"
+        "method.name: unknown method 'lroa'; known: bitfit, dora, freeze, full, lora, qlora"
     )
     with pytest.raises(peft.PeftError) as e:
         peft.build_method({"name": "lora", "rnak": 8})
-    assert one_line(e).startswith("peft.rnak: not an option of method 'lora'; options: alpha,")
-    with pytest.raises(peft.PeftError, match="peft.init: 'xavier'"):
+    assert one_line(e).startswith("method.rnak: not an option of method 'lora'; options: alpha,")
+    with pytest.raises(peft.PeftError, match="method.init: 'xavier'"):
         peft.build_method({"name": "lora", "init": "xavier"})
-    with pytest.raises(peft.PeftError, match="peft.compute: 'merged' cannot apply LoRA dropout"):
+    with pytest.raises(peft.PeftError, match="method.compute: 'merged' cannot apply LoRA dropout"):
         peft.build_method({"name": "lora", "compute": "merged", "dropout": 0.1})

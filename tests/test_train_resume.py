@@ -132,7 +132,7 @@ def test_bad_flag_values_give_one_line(tmp_path):
     for arg, extra, expected in [
         ("method=full", "--config.train.stepz=3", "field the config does not have: 'stepz'"),
         ("method=lroa", "--config.train.steps=3", "error: method='lroa'; expected one of full"),
-        ("method=lora,rank=0", "--config.train.steps=3", "error: peft.rank: must be a positive"),
+        ("method=lora,rank=0", "--config.train.steps=3", "error: method.rank: must be a positive"),
     ]:
         proc = run(str(tmp_path / "c"), arg, None, extra, check=False)
         lines = proc.stderr.strip().splitlines()

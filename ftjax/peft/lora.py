@@ -43,11 +43,11 @@ def dropout(x, rate: float, rng):
 
 def _check_compute(compute: str, rate: float):
     if compute not in COMPUTE_MODES:
-        raise PeftError(f"peft.compute: {compute!r} is not one of {', '.join(COMPUTE_MODES)}")
+        raise PeftError(f"method.compute: {compute!r} is not one of {', '.join(COMPUTE_MODES)}")
     if compute == "merged" and rate:
         # Dropout acts on the input of the low-rank path only, which a merged
         # kernel no longer has.
-        raise PeftError("peft.compute: 'merged' cannot apply LoRA dropout; set dropout=0")
+        raise PeftError("method.compute: 'merged' cannot apply LoRA dropout; set dropout=0")
 
 
 @register_leaf
@@ -113,10 +113,10 @@ def check_rank(rank: int, shape, path: str = "kernel"):
     """Raises RankError when `rank` is not in [1, min(in, out)] for a kernel shape."""
     fan_in, fan_out = shape[-2], shape[-1]
     if rank < 1:
-        raise RankError(f"peft.rank: must be at least 1, got {rank}")
+        raise RankError(f"method.rank: must be at least 1, got {rank}")
     if rank > min(fan_in, fan_out):
         raise RankError(
-            f"peft.rank: {rank} exceeds min(in, out) = {min(fan_in, fan_out)} of {path} "
+            f"method.rank: {rank} exceeds min(in, out) = {min(fan_in, fan_out)} of {path} "
             f"(shape {tuple(shape)})"
         )
 
@@ -155,11 +155,11 @@ def init_lora(
         b = jnp.zeros(lead + (rank, fan_out), dtype)
     elif init == "pissa":
         if isinstance(w, WeightLeaf):
-            raise PeftError(f"peft.init: 'pissa' needs a dense kernel at {path}")
+            raise PeftError(f"method.init: 'pissa' needs a dense kernel at {path}")
         w, a, b = pissa_factors(w, rank, scale)
         a, b = a.astype(dtype), b.astype(dtype)
     else:
-        raise PeftError(f"peft.init: {init!r} is not one of {', '.join(INITS)}")
+        raise PeftError(f"method.init: {init!r} is not one of {', '.join(INITS)}")
     return LoraWeight(w, a, b, scale=scale, dropout=dropout, compute=compute)
 
 

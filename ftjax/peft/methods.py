@@ -93,13 +93,13 @@ def resolve_config(config) -> dict[str, Any]:
     name = config.pop("name", None)
     if name not in DEFAULTS:
         raise UnknownMethodError(
-            f"peft.name: unknown method {name!r}; known: {', '.join(known_methods())}"
+            f"method.name: unknown method {name!r}; known: {', '.join(known_methods())}"
         )
     defaults = DEFAULTS[name]
     unknown = sorted(set(config) - set(defaults))
     if unknown:
         raise PeftError(
-            f"peft.{unknown[0]}: not an option of method {name!r}; options: "
+            f"method.{unknown[0]}: not an option of method {name!r}; options: "
             f"{', '.join(sorted(defaults)) or '(none)'}"
         )
     opts = {**defaults, **config}
@@ -107,7 +107,7 @@ def resolve_config(config) -> dict[str, Any]:
         _check_lora_options(opts)
     if name == "freeze" and not opts["trainable"] and not opts["last_layers"]:
         raise PeftError(
-            "peft.trainable: method 'freeze' needs a regex `trainable` or `last_layers`"
+            "method.trainable: method 'freeze' needs a regex `trainable` or `last_layers`"
         )
     return {"name": name, **opts}
 
@@ -115,22 +115,22 @@ def resolve_config(config) -> dict[str, Any]:
 def _check_lora_options(opts):
     rank = opts["rank"]
     if not isinstance(rank, int) or isinstance(rank, bool) or rank < 1:
-        raise PeftError(f"peft.rank: must be a positive integer, got {rank!r}")
+        raise PeftError(f"method.rank: must be a positive integer, got {rank!r}")
     if not 0.0 <= float(opts["dropout"]) < 1.0:
-        raise PeftError(f"peft.dropout: must be in [0, 1), got {opts['dropout']!r}")
+        raise PeftError(f"method.dropout: must be in [0, 1), got {opts['dropout']!r}")
     if opts["init"] not in INITS:
-        raise PeftError(f"peft.init: {opts['init']!r} is not one of {', '.join(INITS)}")
+        raise PeftError(f"method.init: {opts['init']!r} is not one of {', '.join(INITS)}")
     if opts["compute"] not in COMPUTE_MODES:
         raise PeftError(
-            f"peft.compute: {opts['compute']!r} is not one of {', '.join(COMPUTE_MODES)}"
+            f"method.compute: {opts['compute']!r} is not one of {', '.join(COMPUTE_MODES)}"
         )
     if opts["compute"] == "merged" and float(opts["dropout"]):
-        raise PeftError("peft.compute: 'merged' cannot apply LoRA dropout; set dropout=0")
+        raise PeftError("method.compute: 'merged' cannot apply LoRA dropout; set dropout=0")
     spec = opts["targets"]
     if not isinstance(spec, str) and not (
         isinstance(spec, Sequence) and all(isinstance(s, str) for s in spec)
     ):
-        raise PeftError(f"peft.targets: expected a preset, a regex or module names, got {spec!r}")
+        raise PeftError(f"method.targets: expected a preset, a regex or module names, got {spec!r}")
 
 
 def build_method(config) -> Method:
@@ -138,7 +138,7 @@ def build_method(config) -> Method:
 
     >>> build_method({"name": "lora", "rank": 4, "alpha": 8}).config["rank"]
     4
-    >>> build_method("lroa")   # UnknownMethodError: peft.name: unknown method 'lroa'; known: ...
+    >>> build_method("lroa")   # UnknownMethodError: method.name: unknown method 'lroa'; known: ...
     """
     opts = resolve_config(config)
     name = opts["name"]
@@ -170,7 +170,7 @@ def _adapter_apply(name: str, opts):
         paths = targets_lib.select(params, opts["targets"])
         quantized = set()
         if name == "qlora":
-            quantized = set(targets_lib.select(params, opts["quantize"], field="peft.quantize"))
+            quantized = set(targets_lib.select(params, opts["quantize"], field="method.quantize"))
         flat = dict(tree.flatten_paths(params))
         new = {}
         for i, path in enumerate(paths):
@@ -212,7 +212,7 @@ def _freeze_select(opts):
     def select(paths: Sequence[str]) -> set[str]:
         chosen: set[str] = set()
         if opts["trainable"]:
-            chosen |= set(targets_lib.match_paths(paths, opts["trainable"], field="peft.trainable"))
+            chosen |= set(targets_lib.match_paths(paths, opts["trainable"], field="method.trainable"))
         k = opts["last_layers"]
         if k:
             found = [int(m.group(3)) for p in paths if (m := _LAYER_INDEX.search(p))]
@@ -222,10 +222,10 @@ def _freeze_select(opts):
                     if any(_STACKED.search(p) for p in paths)
                     else ""
                 )
-                raise PeftError(f"peft.last_layers: no numbered decoder layers found{hint}")
+                raise PeftError(f"method.last_layers: no numbered decoder layers found{hint}")
             n = max(found) + 1
             if not 0 < k <= n:
-                raise PeftError(f"peft.last_layers: {k} is not in [1, {n}] (the model has {n})")
+                raise PeftError(f"method.last_layers: {k} is not in [1, {n}] (the model has {n})")
             keep = set(range(n - k, n))
             chosen |= {
                 p for p in paths if (m := _LAYER_INDEX.search(p)) and int(m.group(3)) in keep

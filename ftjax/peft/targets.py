@@ -61,7 +61,7 @@ def pattern(params, targets) -> str:
     if names is None:
         return targets
     if not names:
-        raise TargetError("peft.targets: the list of module names is empty")
+        raise TargetError("method.targets: the list of module names is empty")
     return r"(^|/)(" + "|".join(re.escape(n) for n in names) + r")/kernel$"
 
 
@@ -88,7 +88,7 @@ def compile_regex(regex: str, field: str) -> re.Pattern:
         raise TargetError(f"{field}: invalid regex {regex!r} ({e})") from None
 
 
-def select(params, targets, *, field: str = "peft.targets", plain_only: bool = True) -> list[str]:
+def select(params, targets, *, field: str = "method.targets", plain_only: bool = True) -> list[str]:
     """Paths of the kernels that `targets` selects; raises TargetError when none.
 
     `plain_only` restricts candidates to plain-array kernels (not yet adapted).
