@@ -90,7 +90,7 @@ def test_apply_linear_matches_float64_numpy():
     w, a, b = rng.normal(size=(12, 10)), rng.normal(size=(12, 3)), rng.normal(size=(3, 10))
     x = rng.normal(size=(5, 12))
     want = x @ w + 0.7 * (x @ a) @ b
-    for compute in ("factored", "merged"):
+    for compute in ("factored", "merged", "hybrid"):
         leaf = peft.LoraWeight(*(jnp.asarray(t, jnp.float32) for t in (w, a, b)), 0.7, 0.0, compute)
         got = layers.linear(jnp.asarray(x, jnp.float32), leaf)
         np.testing.assert_allclose(np.asarray(got), want, rtol=1e-5, atol=1e-5)
@@ -120,7 +120,7 @@ def test_pissa_reconstructs_the_base(base):
 def test_factored_equals_merged_and_merge_equals_adapted(base):
     model, apply, params, logits = base
     outs = {}
-    for compute in ("factored", "merged"):
+    for compute in ("factored", "merged", "hybrid"):
         method = peft.build_method(
             {"name": "lora", "rank": 4, "targets": "all-linear", "compute": compute}
         )
@@ -128,6 +128,7 @@ def test_factored_equals_merged_and_merge_equals_adapted(base):
     factored = apply(outs["factored"])
     assert float(jnp.abs(factored - logits).max()) > 1e-2  # the adapter matters
     np.testing.assert_allclose(np.asarray(apply(outs["merged"])), np.asarray(factored), atol=1e-5)
+    np.testing.assert_allclose(np.asarray(apply(outs["hybrid"])), np.asarray(factored), atol=1e-5)
     merged = peft.merge(outs["factored"])
     assert not any(peft.is_leaf(x) for x in jax.tree.leaves(merged, is_leaf=peft.is_leaf))
     np.testing.assert_allclose(np.asarray(apply(merged)), np.asarray(factored), atol=1e-5)
@@ -210,3 +211,67 @@ def test_gradients_and_optimizer_state_only_for_adapters(base):
     old = adapted["model"]["layers_0"]["self_attn"]["q_proj"]["kernel"]
     assert leaf.w is old.w  # the frozen base is untouched (the same buffer)
     assert not np.allclose(np.asarray(leaf.a), np.asarray(old.a))
+
+
+@pytest.mark.parametrize("quantized", [False, True])
+def test_hybrid_gradients_match_float64_closed_form(quantized):
+    """compute="hybrid" (merged forward, custom backward): the gradients of
+    sum(y * r) for y = x @ (w + s a@b) are, in closed form, dx = r (w + s a b)^T,
+    da = s x^T r b^T, db = s (x a)^T r. Checked in float64 numpy, with a plain
+    and an NF4 base (whose dequantized kernel is the reference's w)."""
+    rng = np.random.default_rng(2)
+    w, a, b = rng.normal(size=(64, 24)), rng.normal(size=(64, 4)), rng.normal(size=(4, 24))
+    x, r = rng.normal(size=(3, 5, 64)), rng.normal(size=(3, 5, 24))
+    f32 = lambda t: jnp.asarray(t, jnp.float32)
+    base = peft.quantize_nf4(f32(w)) if quantized else f32(w)
+    if quantized:
+        w = np.asarray(layers.materialize(base, jnp.float32), np.float64)
+
+    def loss(x, a, b, compute):
+        leaf = peft.LoraWeight(base, a, b, 0.5, 0.0, compute)
+        return jnp.sum(layers.linear(x, leaf) * f32(r))
+
+    got = jax.jit(jax.grad(loss, (0, 1, 2)), static_argnums=3)(f32(x), f32(a), f32(b), "hybrid")
+    xf, rf = x.reshape(-1, 64), r.reshape(-1, 24)
+    want = (
+        (rf @ (w + 0.5 * a @ b).T).reshape(x.shape),
+        0.5 * xf.T @ (rf @ b.T),
+        0.5 * (xf @ a).T @ rf,
+    )
+    for g, ref in zip(got, want):
+        np.testing.assert_allclose(np.asarray(g), ref, rtol=1e-4, atol=1e-3 * np.abs(ref).max())
+    # The same gradients as autodiff through the factored form.
+    factored = jax.grad(loss, (0, 1, 2))(f32(x), f32(a), f32(b), "factored")
+    for g, h in zip(got, factored):
+        np.testing.assert_allclose(np.asarray(g), np.asarray(h), rtol=1e-4, atol=1e-4)
+
+
+def test_hybrid_training_step_equals_factored(base):
+    """A LoRA model's loss and adapter gradients under compute="hybrid" equal
+    the factored form's, with scanned layers (stacked adapters)."""
+    import dataclasses
+
+    model = build_model(dataclasses.replace(CFG, scan_layers=True))
+    params = stack_layers(CFG, tiny_params())
+    grads = {}
+    for compute in ("factored", "hybrid"):
+        method = peft.build_method(
+            {"name": "lora", "rank": 4, "targets": "all-linear", "compute": compute}
+        )
+        trainable, frozen = method.split(randomize_b(method.apply(params, jax.random.key(1))))
+        loss = lambda t: jnp.mean(model.apply({"params": peft.combine(t, frozen)}, IDS) ** 2)
+        grads[compute] = jax.value_and_grad(loss)(trainable)
+    (l1, g1), (l2, g2) = grads["factored"], grads["hybrid"]
+    np.testing.assert_allclose(float(l2), float(l1), rtol=1e-5)
+    scale = max(float(jnp.abs(g).max()) for g in jax.tree.leaves(g1))
+    for x, y in zip(jax.tree.leaves(g1), jax.tree.leaves(g2)):
+        np.testing.assert_allclose(np.asarray(y), np.asarray(x), atol=1e-4 * scale)
+
+
+def test_hybrid_refuses_dropout_and_dora():
+    with pytest.raises(peft.PeftError, match="'hybrid' cannot apply LoRA dropout"):
+        peft.build_method({"name": "lora", "rank": 4, "dropout": 0.1, "compute": "hybrid"})
+    with pytest.raises(peft.PeftError, match="'hybrid' is LoRA's"):
+        peft.build_method({"name": "dora", "rank": 4, "compute": "hybrid"}).apply(
+            tiny_params(), jax.random.key(0)
+        )

@@ -129,7 +129,8 @@ class JaxTrain(TrainStep, JaxJob):
         apply_patches(self.spec.get("patches", ()))
         spec, cfg = self.spec, self._model_cfg()
         model = build_model(cfg)
-        method = peft.build_method(method_config(spec["method"], spec["rank"], spec["alpha"]))
+        method_cfg = method_config(spec["method"], spec["rank"], spec["alpha"])
+        method = peft.build_method({**method_cfg, **spec.get("method_options", {})})
         tx, _ = build_optimizer(optim_config(), 1000)
         params = host_params(model)
 

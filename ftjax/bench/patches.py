@@ -116,7 +116,7 @@ PATCHES: dict = {
 }
 
 # Named variants of an ftjax job: XLA flags (a user-level setting), model config
-# fields, or patches. `--variants=lora@ynn_off` runs LoRA both ways, interleaved.
+# fields, method options, or patches. `--variants=lora@ynn_off` runs LoRA both ways, interleaved.
 VARIANTS: dict = {
     "ynn_off": {"xla_flags": "--xla_cpu_experimental_ynn_fusion_type="},  # Eigen dots
     "ynn_all": {
@@ -124,6 +124,7 @@ VARIANTS: dict = {
     },
     "onednn": {"xla_flags": "--xla_cpu_use_onednn=true --xla_cpu_experimental_ynn_fusion_type="},
     "scan": {"model": {"scan_layers": True}},
+    "hybrid": {"method": {"compute": "hybrid"}},  # LoRA: merged forward, factored grads
     "remat": {"model": {"remat": True}},
     "attention_einsum": {"patches": ["attention_einsum"]},
     "attention_dense": {"patches": ["attention_dense"]},

@@ -51,6 +51,7 @@ def _variant_specs(bc: BenchConfig, train) -> list[dict]:
                 model={**spec["model"], **v.get("model", {})},
                 patches=spec["patches"] + list(v.get("patches", ())),
                 xla_flags=v.get("xla_flags", ""),
+                method_options={**spec.get("method_options", {}), **v.get("method", {})},
             )
         )
     return specs

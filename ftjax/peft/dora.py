@@ -27,7 +27,7 @@ import jax
 import jax.numpy as jnp
 
 from ftjax.models import layers
-from ftjax.peft.base import register_leaf
+from ftjax.peft.base import PeftError, register_leaf
 from ftjax.peft.lora import LoraWeight, dropout, init_lora
 
 
@@ -63,6 +63,8 @@ class DoraWeight(LoraWeight):
     static = ("scale", "dropout", "compute")
 
     def __init__(self, w, a, b, m, scale=1.0, dropout=0.0, compute="factored"):
+        if compute == "hybrid":
+            raise PeftError("method.compute: 'hybrid' is LoRA's; DoRA takes factored or merged")
         super().__init__(w, a, b, scale, dropout, compute)
         self._set(m=m)
 

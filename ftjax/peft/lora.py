@@ -8,8 +8,10 @@ computes
     x @ w + scale * (dropout(x) @ a) @ b
 
 without ever forming `a @ b` (`compute="factored"`, the default), or
-`x @ (w + scale * a @ b)` (`compute="merged"`, for ablating the two). `w` may be
-a plain array or another weight leaf such as `NF4Weight` (that is QLoRA).
+`x @ (w + scale * a @ b)` (`compute="merged"`, for ablating the two), or the
+merged forward with factored gradients (`compute="hybrid"`, see
+`merged_forward`). `w` may be a plain array or another weight leaf such as
+`NF4Weight` (that is QLoRA).
 
 Scales: LoRA uses `alpha / r`, rsLoRA `alpha / sqrt(r)` (`lora_scale`).
 Inits (`init_lora`): `kaiming` (a ~ U(-1/sqrt(in), 1/sqrt(in)), what PEFT's
@@ -21,15 +23,17 @@ scaled by `sqrt(S / scale)` and leaves the residual `w - scale * a @ b` frozen.
 
 from __future__ import annotations
 
+import functools
 import math
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from ftjax.models import layers
 from ftjax.peft.base import PeftError, RankError, WeightLeaf, register_leaf
 
-COMPUTE_MODES = ("factored", "merged")
+COMPUTE_MODES = ("factored", "merged", "hybrid")
 INITS = ("kaiming", "gaussian", "pissa")
 
 
@@ -41,13 +45,13 @@ def dropout(x, rate: float, rng):
     return jnp.where(keep, x / (1.0 - rate), jnp.zeros((), x.dtype))
 
 
-def _check_compute(compute: str, rate: float):
+def check_compute(compute: str, rate: float):
     if compute not in COMPUTE_MODES:
         raise PeftError(f"method.compute: {compute!r} is not one of {', '.join(COMPUTE_MODES)}")
-    if compute == "merged" and rate:
+    if compute in ("merged", "hybrid") and rate:
         # Dropout acts on the input of the low-rank path only, which a merged
         # kernel no longer has.
-        raise PeftError("method.compute: 'merged' cannot apply LoRA dropout; set dropout=0")
+        raise PeftError(f"method.compute: {compute!r} cannot apply LoRA dropout; set dropout=0")
 
 
 @register_leaf
@@ -64,7 +68,7 @@ class LoraWeight(WeightLeaf):
     static = ("scale", "dropout", "compute")
 
     def __init__(self, w, a, b, scale: float = 1.0, dropout: float = 0.0, compute="factored"):
-        _check_compute(compute, dropout)
+        check_compute(compute, dropout)
         self._set(w=w, a=a, b=b, scale=float(scale), dropout=float(dropout), compute=compute)
 
     @property
@@ -82,6 +86,9 @@ class LoraWeight(WeightLeaf):
     def apply_linear(self, x, *, dtype, rng):
         if self.compute == "merged":
             return jnp.matmul(x, self.materialize(dtype))
+        if self.compute == "hybrid":
+            a, b = jnp.asarray(self.a, dtype), jnp.asarray(self.b, dtype)
+            return merged_forward(x, self.w, a, b, self.scale, jnp.dtype(dtype))
         y = layers.linear(x, self.w, dtype=dtype)
         h = jnp.matmul(dropout(x, self.dropout, rng), jnp.asarray(self.a, dtype))
         # Scaling the r-wide activation is the cheapest place to apply `scale`.
@@ -98,6 +105,60 @@ class LoraWeight(WeightLeaf):
         # the final rounding.
         w = layers.materialize(self.w, jnp.float32)
         return (w + self.delta(jnp.float32)).astype(dtype)
+
+
+def _merge(w, a, b, scale, dtype):
+    """`w + scale * a @ b` in `dtype`, summed in float32 (as `materialize`)."""
+    delta = jnp.matmul(a.astype(jnp.float32) * scale, b.astype(jnp.float32))
+    return (layers.materialize(w, jnp.float32) + delta).astype(dtype)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
+def merged_forward(x, w, a, b, scale: float, dtype):
+    """`x @ (w + scale * a @ b)`, differentiated as the factored form.
+
+    The forward is one dense matmul with the merged kernel; the backward is
+    `dx = dy @ merged.T` (one dense matmul again) and the adapter gradients in
+    factored form, `db = scale * (x @ a).T @ dy` and
+    `da = scale * x.T @ (dy @ b.T)`, so that there is no dense gradient of the
+    kernel (`compute="merged"` has one, as large as full tuning's). The merged
+    kernel is rebuilt in the backward rather than kept, so a step holds one
+    at a time, and `w` (a plain array or an `NF4Weight`) is only read. On a
+    CPU this replaces the slow, skinny rank-r matmuls of the factored form
+    with the dense ones full tuning runs at full speed (docs/benchmarks.md).
+    Its cost is `2 * in * out * r` FLOPs per merge, small beside the
+    `2 * tokens * in * out` of the matmul once tokens per step >> r."""
+    return jnp.matmul(x, _merge(w, a, b, scale, dtype))
+
+
+def _merged_forward_fwd(x, w, a, b, scale, dtype):
+    return merged_forward(x, w, a, b, scale, dtype), (x, w, a, b)
+
+
+def _zero_cotangent(tree):
+    """The (unused) cotangent of the frozen kernel: zeros, float0 for integer
+    children such as NF4 codes."""
+
+    def zero(t):
+        if jnp.issubdtype(jnp.result_type(t), jnp.inexact):
+            return jnp.zeros_like(t)
+        return np.zeros(jnp.shape(t), jax.dtypes.float0)
+
+    return jax.tree.map(zero, tree)
+
+
+def _merged_forward_bwd(scale, dtype, residuals, dy):
+    x, w, a, b = residuals
+    dx = jnp.matmul(dy, _merge(w, a, b, scale, dtype).T)
+    xa = jnp.matmul(x, a)  # (..., r)
+    g = jnp.matmul(dy, b.T)  # (..., r)
+    # Contract over every leading (batch, token) axis.
+    db = jnp.einsum("...r,...o->ro", xa, dy) * jnp.asarray(scale, dy.dtype)
+    da = jnp.einsum("...i,...r->ir", x, g) * jnp.asarray(scale, dy.dtype)
+    return dx, _zero_cotangent(w), da.astype(a.dtype), db.astype(b.dtype)
+
+
+merged_forward.defvjp(_merged_forward_fwd, _merged_forward_bwd)
 
 
 def lora_scale(alpha: float, rank: int, rslora: bool = False) -> float:

@@ -14,7 +14,7 @@ Methods and their options (defaults in `DEFAULTS`):
 - `full`: everything trains.
 - `lora`: rank, alpha, rslora (scale alpha/sqrt(r) instead of alpha/r), dropout,
   init (`kaiming` | `gaussian` | `pissa`), targets (see `ftjax.peft.targets`),
-  compute (`factored` | `merged`), dtype (adapter dtype; default the kernel's).
+  compute (`factored` | `merged` | `hybrid`, LoRA only), dtype (adapter dtype; default the kernel's).
 - `dora`: the same options; a DoRA leaf per target.
 - `qlora`: the same, plus quantize (targets whose base becomes NF4, default
   `all-linear`) and double_quant. Targets default to `all-linear` as in QLoRA.
@@ -35,7 +35,7 @@ from ftjax.peft import targets as targets_lib
 from ftjax.peft import tree
 from ftjax.peft.base import PeftError, UnknownMethodError, is_leaf, path_str
 from ftjax.peft.dora import from_lora
-from ftjax.peft.lora import COMPUTE_MODES, INITS, init_lora, lora_scale
+from ftjax.peft.lora import INITS, check_compute, init_lora, lora_scale
 from ftjax.peft.quant import quantize_nf4
 
 _LORA = dict(
@@ -120,12 +120,7 @@ def _check_lora_options(opts):
         raise PeftError(f"method.dropout: must be in [0, 1), got {opts['dropout']!r}")
     if opts["init"] not in INITS:
         raise PeftError(f"method.init: {opts['init']!r} is not one of {', '.join(INITS)}")
-    if opts["compute"] not in COMPUTE_MODES:
-        raise PeftError(
-            f"method.compute: {opts['compute']!r} is not one of {', '.join(COMPUTE_MODES)}"
-        )
-    if opts["compute"] == "merged" and float(opts["dropout"]):
-        raise PeftError("method.compute: 'merged' cannot apply LoRA dropout; set dropout=0")
+    check_compute(opts["compute"], float(opts["dropout"]))
     spec = opts["targets"]
     if not isinstance(spec, str) and not (
         isinstance(spec, Sequence) and all(isinstance(s, str) for s in spec)
