@@ -259,8 +259,8 @@ def test_hybrid_training_step_equals_factored(base):
             {"name": "lora", "rank": 4, "targets": "all-linear", "compute": compute}
         )
         trainable, frozen = method.split(randomize_b(method.apply(params, jax.random.key(1))))
-        loss = lambda t: jnp.mean(model.apply({"params": peft.combine(t, frozen)}, IDS) ** 2)
-        grads[compute] = jax.value_and_grad(loss)(trainable)
+        loss = lambda t, f: jnp.mean(model.apply({"params": peft.combine(t, f)}, IDS) ** 2)
+        grads[compute] = jax.value_and_grad(loss)(trainable, frozen)
     (l1, g1), (l2, g2) = grads["factored"], grads["hybrid"]
     np.testing.assert_allclose(float(l2), float(l1), rtol=1e-5)
     scale = max(float(jnp.abs(g).max()) for g in jax.tree.leaves(g1))
@@ -275,3 +275,16 @@ def test_hybrid_refuses_dropout_and_dora():
         peft.build_method({"name": "dora", "rank": 4, "compute": "hybrid"}).apply(
             tiny_params(), jax.random.key(0)
         )
+
+
+def test_auto_compute_resolves_by_dtype_and_dropout():
+    w, a, b = jnp.ones((8, 6)), jnp.ones((8, 2)), jnp.ones((2, 6))
+    plain, dropped = peft.LoraWeight(w, a, b), peft.LoraWeight(w, a, b, dropout=0.1)
+    assert (
+        plain.compute == "auto" and peft.build_method({"name": "lora"}).config["compute"] == "auto"
+    )
+    key = jax.random.key(0)
+    assert plain.compute_mode(jnp.float32, key) == "hybrid"
+    assert plain.compute_mode(jnp.bfloat16, None) == "factored"  # small updates would round away
+    assert dropped.compute_mode(jnp.float32, key) == "factored"  # dropout needs the low-rank input
+    assert dropped.compute_mode(jnp.float32, None) == "hybrid"  # evaluation: no dropout

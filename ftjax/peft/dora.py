@@ -62,7 +62,9 @@ class DoraWeight(LoraWeight):
     trainable_children = ("a", "b", "m")
     static = ("scale", "dropout", "compute")
 
-    def __init__(self, w, a, b, m, scale=1.0, dropout=0.0, compute="factored"):
+    def __init__(self, w, a, b, m, scale=1.0, dropout=0.0, compute="auto"):
+        if compute == "auto":  # DoRA's gain needs the column norm: factored it is
+            compute = "factored"
         if compute == "hybrid":
             raise PeftError("method.compute: 'hybrid' is LoRA's; DoRA takes factored or merged")
         super().__init__(w, a, b, scale, dropout, compute)

@@ -7,10 +7,14 @@ computes
 
     x @ w + scale * (dropout(x) @ a) @ b
 
-without ever forming `a @ b` (`compute="factored"`, the default), or
+without ever forming `a @ b` (`compute="factored"`), or
 `x @ (w + scale * a @ b)` (`compute="merged"`, for ablating the two), or the
 merged forward with factored gradients (`compute="hybrid"`, see
-`merged_forward`). `w` may be a plain array or another weight leaf such as
+`merged_forward`). The default, `compute="auto"`, is `hybrid` where it is the
+same function to float32 rounding and faster (float32 compute, no active
+dropout: 1.4x per LoRA step on the CPU benchmark), and `factored` otherwise: in
+bfloat16 a merged kernel would round away updates smaller than the kernel's
+last bit, and dropout needs the separate low-rank input. `w` may be a plain array or another weight leaf such as
 `NF4Weight` (that is QLoRA).
 
 Scales: LoRA uses `alpha / r`, rsLoRA `alpha / sqrt(r)` (`lora_scale`).
@@ -33,7 +37,7 @@ import numpy as np
 from ftjax.models import layers
 from ftjax.peft.base import PeftError, RankError, WeightLeaf, register_leaf
 
-COMPUTE_MODES = ("factored", "merged", "hybrid")
+COMPUTE_MODES = ("auto", "factored", "merged", "hybrid")
 INITS = ("kaiming", "gaussian", "pissa")
 
 
@@ -67,7 +71,7 @@ class LoraWeight(WeightLeaf):
     trainable_children = ("a", "b")
     static = ("scale", "dropout", "compute")
 
-    def __init__(self, w, a, b, scale: float = 1.0, dropout: float = 0.0, compute="factored"):
+    def __init__(self, w, a, b, scale: float = 1.0, dropout: float = 0.0, compute="auto"):
         check_compute(compute, dropout)
         self._set(w=w, a=a, b=b, scale=float(scale), dropout=float(dropout), compute=compute)
 
@@ -83,10 +87,18 @@ class LoraWeight(WeightLeaf):
     def rank(self) -> int:
         return self.a.shape[-1]
 
+    def compute_mode(self, dtype, rng) -> str:
+        """The mode `auto` resolves to for this call (see the module docstring)."""
+        if self.compute != "auto":
+            return self.compute
+        dropout_active = rng is not None and self.dropout > 0
+        return "hybrid" if jnp.dtype(dtype) == jnp.float32 and not dropout_active else "factored"
+
     def apply_linear(self, x, *, dtype, rng):
-        if self.compute == "merged":
+        mode = self.compute_mode(dtype, rng)
+        if mode == "merged":
             return jnp.matmul(x, self.materialize(dtype))
-        if self.compute == "hybrid":
+        if mode == "hybrid":
             a, b = jnp.asarray(self.a, dtype), jnp.asarray(self.b, dtype)
             return merged_forward(x, self.w, a, b, self.scale, jnp.dtype(dtype))
         y = layers.linear(x, self.w, dtype=dtype)
@@ -190,7 +202,7 @@ def init_lora(
     scale: float,
     init: str = "kaiming",
     dropout: float = 0.0,
-    compute: str = "factored",
+    compute: str = "auto",
     dtype=None,
     path: str = "kernel",
 ) -> LoraWeight:

@@ -14,7 +14,7 @@ Methods and their options (defaults in `DEFAULTS`):
 - `full`: everything trains.
 - `lora`: rank, alpha, rslora (scale alpha/sqrt(r) instead of alpha/r), dropout,
   init (`kaiming` | `gaussian` | `pissa`), targets (see `ftjax.peft.targets`),
-  compute (`factored` | `merged` | `hybrid`, LoRA only), dtype (adapter dtype; default the kernel's).
+  compute (`auto` | `factored` | `merged` | `hybrid`, see `ftjax.peft.lora`), dtype (adapter dtype; default the kernel's).
 - `dora`: the same options; a DoRA leaf per target.
 - `qlora`: the same, plus quantize (targets whose base becomes NF4, default
   `all-linear`) and double_quant. Targets default to `all-linear` as in QLoRA.
@@ -45,7 +45,7 @@ _LORA = dict(
     dropout=0.0,
     init="kaiming",
     targets="qv",
-    compute="factored",
+    compute="auto",
     dtype=None,
 )
 DEFAULTS: dict[str, dict[str, Any]] = {
@@ -207,7 +207,9 @@ def _freeze_select(opts):
     def select(paths: Sequence[str]) -> set[str]:
         chosen: set[str] = set()
         if opts["trainable"]:
-            chosen |= set(targets_lib.match_paths(paths, opts["trainable"], field="method.trainable"))
+            chosen |= set(
+                targets_lib.match_paths(paths, opts["trainable"], field="method.trainable")
+            )
         k = opts["last_layers"]
         if k:
             found = [int(m.group(3)) for p in paths if (m := _LAYER_INDEX.search(p))]

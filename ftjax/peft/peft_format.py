@@ -257,7 +257,7 @@ def _refuse_unsupported(config: dict, source: str):
         )
 
 
-def load_adapter(cfg: ModelConfig, params, in_dir: str, *, compute: str = "factored"):
+def load_adapter(cfg: ModelConfig, params, in_dir: str, *, compute: str = "auto"):
     """`params` (plain base params of `cfg`) with the adapter of `in_dir` inserted.
 
     Each adapted kernel becomes a `LoraWeight` (or `DoraWeight`) with the scale
@@ -271,7 +271,7 @@ def load_adapter(cfg: ModelConfig, params, in_dir: str, *, compute: str = "facto
     modules = _group(tensors, in_dir)
     _validate(config, modules, in_dir)
     scale = lora_scale(config["lora_alpha"], config["r"], bool(config.get("use_rslora", False)))
-    rate = float(config.get("lora_dropout", 0.0) or 0.0) if compute == "factored" else 0.0
+    rate = float(config.get("lora_dropout", 0.0) or 0.0) if compute in ("auto", "factored") else 0.0
     flat = _unstacked(cfg, params)
     by_module = {_module(cfg, p): p for p in kernel_paths(flat)}
     kernels = dict(flatten_paths(flat))
