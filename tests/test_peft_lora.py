@@ -288,3 +288,6 @@ def test_auto_compute_resolves_by_dtype_and_dropout():
     assert plain.compute_mode(jnp.bfloat16, None) == "factored"  # small updates would round away
     assert dropped.compute_mode(jnp.float32, key) == "factored"  # dropout needs the low-rank input
     assert dropped.compute_mode(jnp.float32, None) == "hybrid"  # evaluation: no dropout
+    # 8x6 kernel: the merged kernel pays off from 8*6/(8+6) = 3.4 tokens up.
+    assert plain.compute_mode(jnp.float32, None, tokens=4) == "hybrid"
+    assert plain.compute_mode(jnp.float32, None, tokens=3) == "factored"
