@@ -110,8 +110,7 @@ class LoraWeight(WeightLeaf):
         if mode == "merged":
             return jnp.matmul(x, self.materialize(dtype))
         if mode == "hybrid":
-            a, b = jnp.asarray(self.a, dtype), jnp.asarray(self.b, dtype)
-            return merged_forward(x, self.w, a, b, self.scale, jnp.dtype(dtype))
+            return merged_forward(x, self, jnp.dtype(dtype))
         y = layers.linear(x, self.w, dtype=dtype)
         h = jnp.matmul(dropout(x, self.dropout, rng), jnp.asarray(self.a, dtype))
         # Scaling the r-wide activation is the cheapest place to apply `scale`.
@@ -130,19 +129,13 @@ class LoraWeight(WeightLeaf):
         return (w + self.delta(jnp.float32)).astype(dtype)
 
 
-def _merge(w, a, b, scale, dtype):
-    """`w + scale * a @ b` in `dtype`, summed in float32 (as `materialize`)."""
-    delta = jnp.matmul(a.astype(jnp.float32) * scale, b.astype(jnp.float32))
-    return (layers.materialize(w, jnp.float32) + delta).astype(dtype)
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def merged_forward(x, leaf: LoraWeight, dtype):
+    """`x @ leaf.materialize(dtype)`, differentiated as the factored form.
 
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
-def merged_forward(x, w, a, b, scale: float, dtype):
-    """`x @ (w + scale * a @ b)`, differentiated as the factored form.
-
-    The forward is one dense matmul with the merged kernel; the backward is
-    `dx = dy @ merged.T` (one dense matmul again) and the adapter gradients in
-    factored form, `db = scale * (x @ a).T @ dy` and
+    The forward is one dense matmul with the merged kernel `w + scale * a @ b`;
+    the backward is `dx = dy @ merged.T` (one dense matmul again) and the
+    adapter gradients in factored form, `db = scale * (x @ a).T @ dy` and
     `da = scale * x.T @ (dy @ b.T)`, so that there is no dense gradient of the
     kernel (`compute="merged"` has one, as large as full tuning's). The merged
     kernel is rebuilt in the backward rather than kept, so a step holds one
@@ -151,11 +144,11 @@ def merged_forward(x, w, a, b, scale: float, dtype):
     with the dense ones full tuning runs at full speed (docs/benchmarks.md).
     Its cost is `2 * in * out * r` FLOPs per merge, small beside the
     `2 * tokens * in * out` of the matmul once tokens per step >> r."""
-    return jnp.matmul(x, _merge(w, a, b, scale, dtype))
+    return jnp.matmul(x, leaf.materialize(dtype))
 
 
-def _merged_forward_fwd(x, w, a, b, scale, dtype):
-    return merged_forward(x, w, a, b, scale, dtype), (x, w, a, b)
+def _merged_forward_fwd(x, leaf, dtype):
+    return merged_forward(x, leaf, dtype), (x, leaf)
 
 
 def _zero_cotangent(tree):
@@ -170,15 +163,17 @@ def _zero_cotangent(tree):
     return jax.tree.map(zero, tree)
 
 
-def _merged_forward_bwd(scale, dtype, residuals, dy):
-    x, w, a, b = residuals
-    dx = jnp.matmul(dy, _merge(w, a, b, scale, dtype).T)
-    xa = jnp.matmul(x, a)  # (..., r)
-    g = jnp.matmul(dy, b.T)  # (..., r)
+def _merged_forward_bwd(dtype, residuals, dy):
+    x, leaf = residuals
+    dx = jnp.matmul(dy, leaf.materialize(dtype).T)
+    a, b = jnp.asarray(leaf.a, dy.dtype), jnp.asarray(leaf.b, dy.dtype)
+    scale = jnp.asarray(leaf.scale, dy.dtype)
     # Contract over every leading (batch, token) axis.
-    db = jnp.einsum("...r,...o->ro", xa, dy) * jnp.asarray(scale, dy.dtype)
-    da = jnp.einsum("...i,...r->ir", x, g) * jnp.asarray(scale, dy.dtype)
-    return dx, _zero_cotangent(w), da.astype(a.dtype), db.astype(b.dtype)
+    db = jnp.einsum("...r,...o->ro", jnp.matmul(x, a), dy) * scale
+    da = jnp.einsum("...i,...r->ir", x, jnp.matmul(dy, b.T)) * scale
+    grads = leaf.replace(w=_zero_cotangent(leaf.w), a=da.astype(leaf.a.dtype),
+                         b=db.astype(leaf.b.dtype))  # fmt: skip
+    return dx, grads
 
 
 merged_forward.defvjp(_merged_forward_fwd, _merged_forward_bwd)
