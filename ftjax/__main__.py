@@ -17,8 +17,10 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 def default_jobs() -> int:
     """The study's model is too small to keep more than one or two cores busy
     per run, so its runs share the machine: one per core, up to four."""
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    return max(1, min(4, cores or 1))
+    from ftjax.sweep import usable_cpus
+
+    cpus = usable_cpus()
+    return max(1, min(4, len(cpus) if cpus is not None else os.cpu_count() or 1))
 
 
 def main() -> int:

@@ -15,6 +15,7 @@ import tempfile
 import jax
 import ml_collections
 
+from ftjax.train import default_config
 from ftjax.train.optim import ConfigError
 
 # Per-method defaults that differ from full fine-tuning. Everything else about
@@ -139,8 +140,6 @@ def suite_study_config(model: dict) -> ml_collections.ConfigDict:
     """The starting point of a study on the synthetic suite: a from-scratch
     Llama-architecture model over the suite's 128-symbol tokenizer, AdamW with
     a cosine schedule, and the default evaluation."""
-    from ftjax.train import default_config
-
     cfg = default_config()
     cfg.model.init.update(vocab_size=128, max_position_embeddings=128, **model)
     cfg.optim.update(lr=3e-4, warmup_steps=20, schedule="cosine", weight_decay=0.01, clip_norm=1.0)

@@ -167,15 +167,18 @@ class RunFailed(RuntimeError):
         super().__init__(f"run {name} failed with exit code {code}{where}")
 
 
+def usable_cpus() -> list[int] | None:
+    """The CPU ids this process may run on, or None where the OS cannot say."""
+    return sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None
+
+
 def core_groups(jobs: int) -> list[tuple[int, ...] | None]:
     """This process's CPUs split into `jobs` disjoint groups, one per concurrent
     run: runs pinned to their own cores do not fight over each other's threads
     (XLA sizes its thread pool by the CPUs a process may use). [None] for one job."""
-    if jobs <= 1 or not hasattr(os, "sched_getaffinity"):
+    cpus = usable_cpus()
+    if jobs <= 1 or cpus is None or len(cpus) < jobs:
         return [None] * max(jobs, 1)
-    cpus = sorted(os.sched_getaffinity(0))
-    if len(cpus) < jobs:
-        return [None] * jobs
     return [tuple(cpus[i::jobs]) for i in range(jobs)]
 
 

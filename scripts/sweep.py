@@ -41,6 +41,7 @@ def main(argv):
     from ftjax.train.loop import write_summary
 
     def run_in_subprocess(spec, run_dir, cores=None):
+        import contextlib
         import json
         import subprocess
 
@@ -55,8 +56,7 @@ def main(argv):
         if _JOBS.value > 1:  # concurrent runs: their progress bars would interleave
             os.makedirs(run_dir, exist_ok=True)
             log = os.path.join(run_dir, "run.log")
-        with open(log, "a") if log else open(os.devnull) as sink:
-            stream = sink if log else None
+        with open(log, "a") if log else contextlib.nullcontext() as stream:
             child = subprocess.Popen(cmd, stdout=stream, stderr=stream, env=env)
             _CHILDREN.add(child)
             try:

@@ -210,7 +210,7 @@ def test_parallel_sweep_pins_runs_and_stops_at_a_failure(tmp_path):
     assert {c for _, c, _ in seen[:2]} == set(groups)
 
 
-def test_parallel_sweep_failure_is_one_line(tmp_path):
+def test_jobs_below_one_is_a_one_line_error(tmp_path):
     out = script(
         "sweep.py", f"--config={STUDY}:quick=1", f"--workdir={tmp_path}", "--jobs=0", check=False
     )

@@ -40,6 +40,8 @@ from ftjax.models import layers
 from ftjax.peft.base import PeftError, RankError, WeightLeaf, register_leaf
 
 COMPUTE_MODES = ("auto", "factored", "merged", "hybrid")
+# Modes whose forward uses the merged kernel: no separate low-rank input, so no dropout.
+MERGED_MODES = ("merged", "hybrid")
 INITS = ("kaiming", "gaussian", "pissa")
 
 
@@ -54,7 +56,7 @@ def dropout(x, rate: float, rng):
 def check_compute(compute: str, rate: float):
     if compute not in COMPUTE_MODES:
         raise PeftError(f"method.compute: {compute!r} is not one of {', '.join(COMPUTE_MODES)}")
-    if compute in ("merged", "hybrid") and rate:
+    if compute in MERGED_MODES and rate:
         # Dropout acts on the input of the low-rank path only, which a merged
         # kernel no longer has.
         raise PeftError(f"method.compute: {compute!r} cannot apply LoRA dropout; set dropout=0")

@@ -35,7 +35,7 @@ from ftjax.models.config import ModelConfig
 from ftjax.models.hf import hf_name, stack_layers, unstack_layers
 from ftjax.peft.base import AdapterFormatError, flatten_paths, is_leaf
 from ftjax.peft.dora import DoraWeight
-from ftjax.peft.lora import LoraWeight, lora_scale, pissa_to_lora_leaf
+from ftjax.peft.lora import MERGED_MODES, LoraWeight, lora_scale, pissa_to_lora_leaf
 from ftjax.peft.methods import replace_leaves
 from ftjax.peft.targets import kernel_paths
 
@@ -271,7 +271,7 @@ def load_adapter(cfg: ModelConfig, params, in_dir: str, *, compute: str = "auto"
     modules = _group(tensors, in_dir)
     _validate(config, modules, in_dir)
     scale = lora_scale(config["lora_alpha"], config["r"], bool(config.get("use_rslora", False)))
-    rate = float(config.get("lora_dropout", 0.0) or 0.0) if compute in ("auto", "factored") else 0.0
+    rate = float(config.get("lora_dropout", 0.0) or 0.0) if compute not in MERGED_MODES else 0.0
     flat = _unstacked(cfg, params)
     by_module = {_module(cfg, p): p for p in kernel_paths(flat)}
     kernels = dict(flatten_paths(flat))
