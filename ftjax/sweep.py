@@ -26,6 +26,8 @@ from collections.abc import Callable
 
 import ml_collections
 
+from ftjax.errors import FtjaxError
+
 
 @dataclasses.dataclass
 class RunSpec:
@@ -158,7 +160,7 @@ def command_for(config_path: str, sweep_dir: str, name: str) -> str:
     )
 
 
-class RunFailed(RuntimeError):
+class RunFailed(FtjaxError):
     """A run's process exited non-zero; `log` is where its output went."""
 
     def __init__(self, name: str, code: int, log: str = ""):

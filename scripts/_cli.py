@@ -7,7 +7,9 @@ import re
 import sys
 
 # Errors that mean "the input is wrong", as opposed to a bug in ftjax.
-USER_ERRORS = (ValueError, OSError, KeyError, TypeError, AttributeError)
+from ftjax.errors import FtjaxError  # noqa: E402
+
+USER_ERRORS = (FtjaxError, ValueError, OSError, KeyError, TypeError, AttributeError)
 
 
 def one_line(e: BaseException) -> str:

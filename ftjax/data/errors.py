@@ -5,9 +5,7 @@ every message names the file (and line or row where the format has one) and
 says what was expected.
 """
 
-
-class DataError(ValueError):
-    """Bad data or a bad data config; the message is meant for the user."""
+from ftjax.errors import DataError  # noqa: F401  (re-exported)
 
 
 class DataConfigError(DataError):

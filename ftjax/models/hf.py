@@ -18,6 +18,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from ftjax.errors import ModelError
 from ftjax.models import layers, safetensors_io
 from ftjax.models.config import SUPPORTED_MODEL_TYPES, ModelConfig, freeze_rope_scaling
 from ftjax.models.registry import build_model, layers_prefix
@@ -34,7 +35,7 @@ _IGNORED_KEYS = re.compile(r"(rotary_emb\.inv_freq|attn\.bias|attn\.masked_bias)
 _HUB_ID = re.compile(r"[\w.-]+(/[\w.-]+)?")
 
 
-class CheckpointError(ValueError):
+class CheckpointError(ModelError):
     """A checkpoint that cannot be loaded; the message is one line naming the file."""
 
 

@@ -17,6 +17,8 @@ import struct
 import ml_dtypes
 import numpy as np
 
+from ftjax.errors import ModelError
+
 _DTYPES = {
     "F64": np.float64,
     "F32": np.float32,
@@ -34,7 +36,7 @@ _DTYPES = {
 _NAMES = {np.dtype(v): k for k, v in _DTYPES.items()}
 
 
-class SafetensorsError(ValueError):
+class SafetensorsError(ModelError):
     pass
 
 

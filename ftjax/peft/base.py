@@ -24,9 +24,7 @@ from typing import Any, ClassVar
 import jax
 from jax.tree_util import DictKey, FlattenedIndexKey, GetAttrKey, SequenceKey
 
-
-class PeftError(ValueError):
-    """Bad PEFT input; the message is one line that names the offending field."""
+from ftjax.errors import PeftError  # noqa: F401  (re-exported)
 
 
 class UnknownMethodError(PeftError):

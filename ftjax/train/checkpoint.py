@@ -23,10 +23,11 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
+from ftjax.errors import CheckpointError
 from ftjax.train.step import TrainState
 
 
-class CheckpointMismatch(ValueError):
+class CheckpointMismatch(CheckpointError):
     """The workdir holds a checkpoint of a different model, method or base."""
 
 

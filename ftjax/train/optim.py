@@ -14,14 +14,11 @@ import jax.numpy as jnp
 import ml_collections
 import optax
 
+from ftjax.errors import ConfigError  # noqa: F401  (re-exported)
 from ftjax.models.layers import is_weight_leaf
 
 OPTIMIZERS = ("adamw", "adafactor", "lion", "sgd")
 SCHEDULES = ("cosine", "linear", "constant")
-
-
-class ConfigError(ValueError):
-    """A config field with an impossible value; the message names the field."""
 
 
 def default_optim_config() -> ml_collections.ConfigDict:
