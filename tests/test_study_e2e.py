@@ -231,15 +231,19 @@ def test_killed_sweep_resumes_to_the_same_results(sweep_dir, tmp_path):
         [sys.executable, os.path.join(ROOT, "scripts", "sweep.py"), *args],
         env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
     )  # fmt: skip
-    deadline = time.time() + 600
-    while not list(work.glob("method=*/metrics.jsonl")):  # fine-tuning has begun
+    # Wait for the state the test needs, not for a time: a fine-tuning run has
+    # logged a training step, so its SIGTERM handler is installed and it is
+    # mid-training (or past it, with its final checkpoint on disk).
+    deadline = time.time() + 900
+    while not any(_logged_steps(p) for p in work.glob("method=*/metrics.jsonl")):
         assert proc.poll() is None and time.time() < deadline, proc.stdout.read()
-        time.sleep(0.5)
+        time.sleep(0.05)
     proc.kill()
     proc.wait()
-    time.sleep(8)  # the orphaned runs save and exit on their SIGTERM
-    leftover = subprocess.run(["pgrep", "-f", f"--workdir={work}"], capture_output=True, text=True)
-    assert leftover.stdout.strip() == "", "runs outlived their sweep"
+    # The orphaned runs save and exit on their SIGTERM: wait until none is left.
+    while _processes_of(work):
+        assert time.time() < deadline, "runs outlived their sweep"
+        time.sleep(0.2)
 
     def completed(run_dir):
         path = run_dir / "summary.json"
@@ -262,3 +266,19 @@ def test_killed_sweep_resumes_to_the_same_results(sweep_dir, tmp_path):
         assert got["steps"] == want["steps"]
         for key in ("final/target/loss", "final/general/loss", "final/target/exact_match"):
             assert got[key] == pytest.approx(want[key], rel=1e-5, abs=1e-6), (run, key)
+
+
+def _logged_steps(metrics_path) -> list[int]:
+    """The training steps a run has logged (its metrics file may be mid-write)."""
+    steps = []
+    for line in metrics_path.read_text().splitlines():
+        try:
+            steps.append(json.loads(line)["step"])
+        except (ValueError, KeyError):
+            pass
+    return steps
+
+
+def _processes_of(workdir) -> str:
+    out = subprocess.run(["pgrep", "-f", f"--workdir={workdir}"], capture_output=True, text=True)
+    return out.stdout.strip()
