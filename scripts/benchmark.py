@@ -51,7 +51,6 @@ _PROFILE = flags.DEFINE_bool("profile", False, "Trace the ftjax steps; time per 
 _SCAN = flags.DEFINE_bool("scan_layers", D.scan_layers, "nn.scan over layers (faster compile).")
 _REMAT = flags.DEFINE_bool("remat", D.remat, "Recompute layer activations in the backward.")
 _XLA = flags.DEFINE_string("xla_flags", "", "Extra XLA_FLAGS for the workers.")
-_PATCHES = flags.DEFINE_list("patches", [], "Prototype patches for every ftjax job (PATCHES).")
 _VARIANTS = flags.DEFINE_list(
     "variants", [], "Extra ftjax jobs method@variant (ftjax.bench.VARIANTS), timed beside the base."
 )
@@ -77,9 +76,6 @@ def main(argv):
     unknown = sorted(set(_METHODS.value) - set(bench.METHODS))
     if unknown:
         raise ValueError(f"--methods: unknown {unknown[0]!r}; known: {', '.join(bench.METHODS)}")
-    bad = sorted(set(_PATCHES.value) - set(bench.PATCHES))
-    if bad:
-        raise ValueError(f"--patches: unknown {bad[0]!r}; known: {', '.join(bench.PATCHES)}")
     cfg.model_fields()  # validates the preset
     if cfg.steps < 1 or cfg.batch < 1 or cfg.seq < 2:
         raise ValueError("--steps, --batch must be >= 1 and --seq >= 2")
@@ -88,7 +84,7 @@ def main(argv):
     cfg.peak_flops, cfg.torch, cfg.inference = _PEAK.value, _TORCH.value, _INFER.value
     cfg.interleave, cfg.isolate, cfg.profile = _INTERLEAVE.value, _ISOLATE.value, _PROFILE.value
     cfg.scan_layers, cfg.remat = _SCAN.value, _REMAT.value
-    cfg.xla_flags, cfg.patches = _XLA.value, tuple(_PATCHES.value)
+    cfg.xla_flags = _XLA.value
     cfg.variants = tuple(_VARIANTS.value)
     bench.job_specs(cfg)  # validates the variants before any worker starts
 

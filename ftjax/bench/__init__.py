@@ -20,7 +20,7 @@ same jobs in this process instead (tests; per-method RSS is then meaningless).
 Modules: `config` (model sizes, methods, `BenchConfig`), `runner` (the
 coordinator), `workers` (the processes and their protocol), `jobs`, `jax_jobs`
 and `torch_jobs` (the measured units), `results` (summary, goals, tables),
-`patches` (changes timed as variants), `profile` (op breakdown of a traced
+`variants` (config changes timed beside the base), `profile` (op breakdown of a traced
 step), `memory` (RSS).
 """
 
@@ -39,17 +39,16 @@ from .config import (
 from .jax_jobs import JaxInfer, JaxJob, JaxTrain, host_params
 from .jobs import best_time, synthetic_batch
 from .memory import reset_rss_peak, rss_bytes
-from .patches import PATCHES, VARIANTS, apply_patches
 from .profile import _hlo_ops, op_breakdown
 from .results import goals, machine, markdown, summarize
 from .runner import job_specs, memory_specs, run, run_jobs
 from .torch_jobs import TorchInfer, TorchJob, TorchTrain
+from .variants import VARIANTS
 from .workers import JOBS, InProcess, Worker, WorkerError
 
 __all__ = [
     "JOBS",
     "METHODS",
-    "PATCHES",
     "PEAK_TRIES",
     "PRESETS",
     "QUICK",
@@ -66,7 +65,6 @@ __all__ = [
     "Worker",
     "WorkerError",
     "_hlo_ops",  # tests
-    "apply_patches",
     "best_time",
     "goals",
     "host_params",

@@ -61,7 +61,6 @@ class BenchConfig:
     profile: bool = False  # trace the JAX steps and break their time down by op
     xla_flags: str = ""  # appended to XLA_FLAGS in the workers
     compile_options: dict | None = None  # for the step's compile (tests: optimization level 0)
-    patches: tuple = ()  # names in PATCHES, for every ftjax job
     variants: tuple = ()  # extra ftjax jobs "method@variant" (VARIANTS), timed beside the base
 
     def model_fields(self, preset=None) -> dict:

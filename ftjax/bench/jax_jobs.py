@@ -15,7 +15,6 @@ import numpy as np
 from .config import PEAK_TRIES, method_config, optim_config
 from .jobs import InferStep, TrainStep, best_time, synthetic_batch
 from .memory import reset_rss_peak, rss_bytes
-from .patches import apply_patches
 from .profile import op_breakdown
 
 
@@ -126,7 +125,6 @@ class JaxTrain(TrainStep, JaxJob):
         from ftjax.train import Parallel, StepConfig, TrainState, build_optimizer
         from ftjax.train import metrics as metrics_lib
 
-        apply_patches(self.spec.get("patches", ()))
         spec, cfg = self.spec, self._model_cfg()
         model = build_model(cfg)
         method_cfg = method_config(spec["method"], spec["rank"], spec["alpha"])
@@ -223,7 +221,6 @@ class JaxInfer(InferStep, JaxJob):
 
         from ftjax.models import build_model
 
-        apply_patches(self.spec.get("patches", ()))
         cfg = self._model_cfg(remat=False)
         self.model = build_model(cfg)
         self.params = jax.device_put(host_params(self.model))

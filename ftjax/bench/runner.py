@@ -7,8 +7,8 @@ from __future__ import annotations
 import time
 
 from .config import METHODS, TORCH_METHODS, BenchConfig
-from .patches import VARIANTS
 from .results import summarize
+from .variants import VARIANTS
 from .workers import InProcess, Worker, WorkerError, worker_env
 
 
@@ -21,7 +21,6 @@ def _base_spec(bc: BenchConfig, preset=None) -> dict:
         alpha=bc.alpha,
         decode_tokens=bc.decode_tokens,
         peak_matmul=bc.peak_matmul,
-        patches=list(bc.patches),
         compile_options=bc.compile_options,
     )
 
@@ -49,7 +48,6 @@ def _variant_specs(bc: BenchConfig, train) -> list[dict]:
                 name=f"ftjax/{item}",
                 variant=label,
                 model={**spec["model"], **v.get("model", {})},
-                patches=spec["patches"] + list(v.get("patches", ())),
                 xla_flags=v.get("xla_flags", ""),
                 method_options={**spec.get("method_options", {}), **v.get("method", {})},
             )

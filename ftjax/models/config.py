@@ -12,6 +12,7 @@ from typing import Any
 
 LLAMA_FAMILY = ("llama", "mistral", "qwen2", "qwen3")
 SUPPORTED_MODEL_TYPES = LLAMA_FAMILY + ("gpt2",)
+ATTENTION_KERNELS = ("auto", "block", "xla")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -42,12 +43,20 @@ class ModelConfig:
     param_dtype: str = "float32"
     scan_layers: bool = False
     remat: bool = False
+    # Attention kernel (see `layers.dot_product_attention`): "auto" picks the
+    # causal block kernel for long training sequences, "xla" always computes
+    # the whole score matrix through jax.nn.dot_product_attention.
+    attention: str = "auto"
 
     def __post_init__(self):
         if self.model_type not in SUPPORTED_MODEL_TYPES:
             raise ValueError(
                 f"unsupported model_type {self.model_type!r}; supported: "
                 f"{', '.join(SUPPORTED_MODEL_TYPES)}"
+            )
+        if self.attention not in ATTENTION_KERNELS:
+            raise ValueError(
+                f"attention={self.attention!r}; expected one of {', '.join(ATTENTION_KERNELS)}"
             )
         if self.num_heads % self.num_kv_heads:
             raise ValueError(

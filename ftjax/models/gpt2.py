@@ -34,7 +34,9 @@ class GPT2Attention(nn.Module):
         q, k, v = (a.reshape(b, t, cfg.num_heads, hd) for a in jnp.split(qkv, 3, axis=-1))
         k, v, new_cache = layers.update_kv_cache(layer_cache, k, v, inputs.cache_index)
         causal = inputs.cache_index is None  # no cache: the mask is causal by position
-        out = layers.dot_product_attention(q, k, v, inputs.mask, hd**-0.5, causal)
+        out = layers.dot_product_attention(
+            q, k, v, inputs.mask, hd**-0.5, causal, kernel=cfg.attention
+        )
         return _linear(cfg, d, "c_proj")(out.reshape(b, t, d), deterministic), new_cache
 
 

@@ -254,14 +254,24 @@ def attention_mask(
 CAUSAL_BLOCK_MIN, CAUSAL_BLOCKS_MAX = 64, 8
 
 
-def dot_product_attention(q, k, v, mask, scale=None, causal=False):
+def dot_product_attention(q, k, v, mask, scale=None, causal=False, kernel="auto"):
     """q (B, T, N, H), k/v (B, S, K, H) with N a multiple of K (grouped-query).
 
     `causal=True` promises that `mask` hides every key after its query (no KV
-    cache: queries and keys are the same positions). Long enough sequences then
-    go through `causal_block_attention`, which skips the masked upper triangle."""
+    cache: queries and keys are the same positions). With `kernel="auto"` long
+    enough sequences then go through `causal_block_attention`, which skips the
+    masked upper triangle; `"block"` uses it for every causal call, `"xla"`
+    never (the model config's `attention` field, so that the benchmark can time
+    both through the same code)."""
     t, s = q.shape[1], k.shape[1]
-    if causal and t == s and t >= 2 * CAUSAL_BLOCK_MIN:
+    blockable = causal and t == s and t >= 2
+    if (
+        kernel == "block"
+        and blockable
+        or kernel == "auto"
+        and blockable
+        and t >= 2 * CAUSAL_BLOCK_MIN
+    ):
         return causal_block_attention(q, k, v, mask, scale)
     return jax.nn.dot_product_attention(q, k, v, mask=mask, scale=scale)
 

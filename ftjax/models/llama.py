@@ -41,7 +41,9 @@ class LlamaAttention(nn.Module):
         k = layers.apply_rope(k, inputs.cos, inputs.sin)
         k, v, new_cache = layers.update_kv_cache(layer_cache, k, v, inputs.cache_index)
         causal = inputs.cache_index is None  # no cache: the mask is causal by position
-        out = layers.dot_product_attention(q, k, v, inputs.mask, hd**-0.5, causal)
+        out = layers.dot_product_attention(
+            q, k, v, inputs.mask, hd**-0.5, causal, kernel=cfg.attention
+        )
         out = out.reshape(b, t, cfg.num_heads * hd)
         return _linear(cfg, cfg.hidden_size, cfg.o_proj_bias, "o_proj")(
             out, deterministic
