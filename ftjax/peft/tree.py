@@ -45,6 +45,12 @@ from ftjax.peft.targets import match_paths
 Selector = Callable[[Sequence[str]], "set[str] | Sequence[str]"]
 
 
+def replace_leaves(params, new: dict):
+    """`params` with the leaves at the given `/`-joined paths replaced."""
+    flat, treedef = jax.tree_util.tree_flatten_with_path(params, is_leaf=is_leaf)
+    return treedef.unflatten([new.get(path_str(kp), x) for kp, x in flat])
+
+
 def has_adapters(params) -> bool:
     """True when the tree holds at least one weight leaf with trainable children."""
     return any(is_leaf(x) and x.trainable_children for _, x in flatten_paths(params))

@@ -1,0 +1,52 @@
+"""ftjax's built-in methods: one module each, registered in `ftjax.peft.registry`.
+
+    >>> method = build_method({"name": "lora", "rank": 8, "alpha": 16, "targets": "qv"})
+    >>> params = method.apply(params, jax.random.key(0))
+    >>> trainable, frozen = method.split(params)
+
+- `full`: everything trains.
+- `lora`: rank, alpha, rslora (scale alpha/sqrt(r) instead of alpha/r), dropout,
+  init (`kaiming` | `gaussian` | `pissa`), targets (see `ftjax.peft.targets`),
+  compute (`auto` | `factored` | `merged` | `hybrid`, see `ftjax.peft.lora`),
+  dtype (adapter dtype; default the kernel's). Study preset `pissa`.
+- `dora`: the same options; a DoRA leaf per target.
+- `qlora`: the same, plus quantize (targets whose base becomes NF4, default
+  `all-linear`) and double_quant. Targets default to `all-linear` as in QLoRA.
+- `bitfit`: the biases train (and the norm scales, in a model without biases).
+- `freeze`: only the parameters matching the regex `trainable` train, and/or
+  those of the last `last_layers` decoder layers (unscanned params only).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+from ftjax.peft.methods import bitfit, dora, freeze, full, lora, qlora  # noqa: F401  (registers)
+from ftjax.peft.registry import Method, build_method, get, known_methods, resolve_config
+from ftjax.peft.tree import replace_leaves
+
+__all__ = [
+    "DEFAULTS",
+    "Method",
+    "build_method",
+    "known_methods",
+    "replace_leaves",
+    "resolve_config",
+]
+
+
+class _Defaults(Mapping):
+    """name -> default options of every registered method (a read-only view)."""
+
+    def __getitem__(self, name):
+        return get(name).defaults()
+
+    def __iter__(self):
+        return iter(known_methods())
+
+    def __len__(self):
+        return len(known_methods())
+
+
+DEFAULTS: Mapping[str, dict[str, Any]] = _Defaults()

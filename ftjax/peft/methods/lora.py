@@ -1,0 +1,123 @@
+"""LoRA (Hu et al., 2021) as a method: every targeted kernel becomes a
+`LoraWeight` leaf (`ftjax.peft.lora`); only the adapters train. The shared
+options and `adapter_apply` also serve DoRA and QLoRA.
+
+The study preset `pissa` is LoRA with PiSSA's initialization (Meng et al.,
+2024) at alpha = rank, so that the scale is 1."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import jax
+
+from ftjax.peft import targets as targets_lib
+from ftjax.peft import tree
+from ftjax.peft.base import PeftError
+from ftjax.peft.lora import INITS, check_compute, init_lora, lora_scale
+from ftjax.peft.registry import MethodSpec, Option, parse_bool, register, register_preset
+
+LORA_OPTIONS = {
+    "rank": Option(8, int, "adapter rank r"),
+    "alpha": Option(16.0, float, "scale numerator: alpha / r (or alpha / sqrt(r) with rslora)"),
+    "rslora": Option(False, parse_bool, "rank-stabilized scale alpha / sqrt(r)"),
+    "dropout": Option(0.0, float, "dropout on the adapter's input"),
+    "init": Option("kaiming", str, f"initialization of a: {' | '.join(INITS)}"),
+    "targets": Option("qv", str, "preset, regex or module names (ftjax.peft.targets)"),
+    "compute": Option("auto", str, "auto | factored | merged | hybrid (ftjax.peft.lora)"),
+    "dtype": Option(None, str, "adapter dtype (default: the kernel's)"),
+}
+# Where a study starts LoRA-family methods: every linear layer, alpha = 2r,
+# and a learning rate 10x full tuning's, as in the LoRA and QLoRA papers.
+LORA_STUDY = {"rank": 16, "alpha": 32.0, "targets": "all-linear"}
+
+
+def check_lora_options(opts):
+    rank = opts["rank"]
+    if not isinstance(rank, int) or isinstance(rank, bool) or rank < 1:
+        raise PeftError(f"method.rank: must be a positive integer, got {rank!r}")
+    if not 0.0 <= float(opts["dropout"]) < 1.0:
+        raise PeftError(f"method.dropout: must be in [0, 1), got {opts['dropout']!r}")
+    if opts["init"] not in INITS:
+        raise PeftError(f"method.init: {opts['init']!r} is not one of {', '.join(INITS)}")
+    check_compute(opts["compute"], float(opts["dropout"]))
+    spec = opts["targets"]
+    if not isinstance(spec, str) and not (
+        isinstance(spec, Sequence) and all(isinstance(s, str) for s in spec)
+    ):
+        raise PeftError(f"method.targets: expected a preset, a regex or module names, got {spec!r}")
+
+
+def describe_lora(opts) -> list[str]:
+    parts = [f"r={opts['rank']}", str(opts["targets"])]
+    if opts.get("init") not in (None, "kaiming"):
+        parts.append(f"init={opts['init']}")
+    if opts.get("rslora"):
+        parts.append("rslora")
+    return parts
+
+
+def adapter_apply(opts, wrap=None, quantized_spec=None, double_quant=True):
+    """`apply(params, rng)` that puts a LoRA leaf on every target. `wrap(leaf)`
+    turns it into another leaf kind (DoRA); with `quantized_spec` the matched
+    kernels' bases become NF4 (QLoRA), after init, so that PiSSA's residual (not
+    W) is what gets quantized, as in the PiSSA paper's QPiSSA."""
+    from ftjax.peft.quant import quantize_nf4
+
+    rank = opts["rank"]
+    scale = lora_scale(opts["alpha"], rank, opts["rslora"])
+
+    def apply(params, rng):
+        paths = targets_lib.select(params, opts["targets"])
+        quantized = set()
+        if quantized_spec is not None:
+            quantized = set(targets_lib.select(params, quantized_spec, field="method.quantize"))
+        flat = dict(tree.flatten_paths(params))
+        new = {}
+        for i, path in enumerate(paths):
+            leaf = init_lora(
+                jax.random.fold_in(rng, i),
+                flat[path],
+                rank,
+                scale=scale,
+                init=opts["init"],
+                dropout=float(opts["dropout"]),
+                compute=opts["compute"],
+                dtype=opts["dtype"],
+                path=path,
+            )
+            if path in quantized:
+                leaf = leaf.replace(w=quantize_nf4(leaf.w, double_quant=double_quant))
+            new[path] = wrap(leaf) if wrap else leaf
+        for path in quantized - set(paths):
+            new[path] = quantize_nf4(flat[path], double_quant=double_quant)
+        return tree.replace_leaves(params, new)
+
+    return apply
+
+
+def export_adapter(model_cfg, params, out_dir, opts, initial=None) -> dict:
+    """HF PEFT adapter files (`ftjax.peft.peft_format`)."""
+    from ftjax.peft.peft_format import save_adapter
+
+    return save_adapter(model_cfg, params, out_dir, method=opts)
+
+
+def _build(opts):
+    return adapter_apply(opts), (lambda paths: set())
+
+
+SPEC = register(
+    MethodSpec(
+        name="lora",
+        options=LORA_OPTIONS,
+        build=_build,
+        check=check_lora_options,
+        describe=describe_lora,
+        study=LORA_STUDY,
+        lr_scale=10.0,
+        export=export_adapter,
+        doc="low-rank adapters y += s * x @ a @ b on the targeted kernels",
+    )
+)
+register_preset("pissa", "lora", {**LORA_STUDY, "alpha": 16.0, "init": "pissa"}, lr_scale=2.0)

@@ -1,0 +1,43 @@
+"""QLoRA (Dettmers et al., 2023) as a method: LoRA over an NF4-quantized base
+(`ftjax.peft.quant`), on every linear layer by default. `quantize` selects
+which kernels' bases become NF4 (default all linear layers);
+`double_quant` also quantizes the blocks' absmax constants."""
+
+from __future__ import annotations
+
+from ftjax.peft.methods.lora import (
+    LORA_OPTIONS,
+    LORA_STUDY,
+    adapter_apply,
+    check_lora_options,
+    describe_lora,
+    export_adapter,
+)
+from ftjax.peft.registry import MethodSpec, Option, parse_bool, register
+
+OPTIONS = {
+    **LORA_OPTIONS,
+    "targets": Option("all-linear", str, LORA_OPTIONS["targets"].doc),
+    "quantize": Option("all-linear", str, "targets whose base becomes NF4"),
+    "double_quant": Option(True, parse_bool, "8-bit absmax constants (blocks of 256)"),
+}
+
+
+def _build(opts):
+    apply = adapter_apply(opts, quantized_spec=opts["quantize"], double_quant=opts["double_quant"])
+    return apply, (lambda paths: set())
+
+
+SPEC = register(
+    MethodSpec(
+        name="qlora",
+        options=OPTIONS,
+        build=_build,
+        check=check_lora_options,
+        describe=describe_lora,
+        study=LORA_STUDY,
+        lr_scale=10.0,
+        export=export_adapter,
+        doc="LoRA over an NF4-quantized base",
+    )
+)
