@@ -26,7 +26,7 @@ from collections.abc import Callable
 
 import ml_collections
 
-from ftjax.errors import FtjaxError
+from ftjax.errors import ConfigError, FtjaxError
 
 
 @dataclasses.dataclass
@@ -47,7 +47,7 @@ def zip_(**axes) -> list[dict]:
     """Values taken together: zip_(a=[1, 2], b=[3, 4]) -> [{a: 1, b: 3}, {a: 2, b: 4}]."""
     lengths = {k: len(v) for k, v in axes.items()}
     if len(set(lengths.values())) > 1:
-        raise ValueError(f"zip_: axes have different lengths {lengths}")
+        raise ConfigError(f"zip_: axes have different lengths {lengths}; expected equal lengths")
     keys = list(axes)
     return [dict(zip(keys, values)) for values in zip(*axes.values())]
 
@@ -61,27 +61,37 @@ def load_study(path: str):
     """Imports an experiment file (``path`` may carry ``:arg``, ignored here)."""
     path = path.split(":", 1)[0]
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"--config: no such experiment file {path}")
+        raise ConfigError(f"--config: no such experiment file {path}")
     name = "ftjax_study_" + re.sub(r"\W", "_", os.path.abspath(path))
     spec = importlib.util.spec_from_file_location(name, path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     if not hasattr(module, "get_config"):
-        raise ValueError(f"{path}: an experiment file must define get_config(arg=None)")
+        raise ConfigError(f"{path}: an experiment file must define get_config(arg=None)")
     return module
 
 
 def set_path(cfg: ml_collections.ConfigDict, dotted: str, value, origin: str = "override"):
     """cfg.a.b = value, failing with one line on a key the config does not have."""
     node = cfg
-    parts = dotted.split(".")
-    for p in parts[:-1]:
+    parts = str(dotted).split(".")
+    for i, p in enumerate(parts):
+        if not isinstance(node, ml_collections.ConfigDict):
+            section = ".".join(parts[:i])
+            raise ConfigError(
+                f"{origin}: unknown config key {dotted!r} ({section} is a "
+                f"{type(node).__name__}, not a section)"
+            )
         if p not in node:
-            raise KeyError(f"{origin}: unknown config key {dotted!r} (no {p!r})")
-        node = node[p]
-    if parts[-1] not in node:
-        raise KeyError(f"{origin}: unknown config key {dotted!r}")
-    node[parts[-1]] = value
+            where = f" (no {p!r})" if i < len(parts) - 1 else ""
+            raise ConfigError(f"{origin}: unknown config key {dotted!r}{where}")
+        if i < len(parts) - 1:
+            node = node[p]
+    try:
+        node[parts[-1]] = value
+    except (TypeError, ValueError) as e:  # ConfigDict's type check on the field
+        first = (str(e).strip().splitlines() or [""])[0]
+        raise ConfigError(f"{origin}: {dotted}={value!r}: {first}") from None
 
 
 def run_name(overrides: dict) -> str:
@@ -93,6 +103,23 @@ def run_name(overrides: dict) -> str:
             parts.append(f"{k.split('.')[-1]}={v}")
     name = ",".join(parts) or "default"
     return re.sub(r"[^\w.,=+-]", "_", name)
+
+
+def check_run_name(name, origin: str) -> str:
+    """`name` if it is one safe path component (the run's directory under the
+    sweep directory), else a ConfigError naming the entry."""
+    if (
+        not isinstance(name, str)
+        or not name
+        or name.startswith(".")
+        or any(c in name for c in "/\\\0")
+        or name != name.strip()
+    ):
+        raise ConfigError(
+            f"{origin}: run name {name!r} is not a safe directory name; expected a non-empty "
+            "name without '/', '\\', surrounding spaces or a leading '.'"
+        )
+    return name
 
 
 def substitute(cfg: ml_collections.ConfigDict, sweep_dir: str) -> None:
@@ -130,16 +157,22 @@ def expand(study, sweep_dir: str, study_arg: str = "") -> tuple[list[RunSpec], l
 
     prereqs = []
     for name, arg in _call_with_arg(getattr(study, "get_prerequisites", lambda: []), study_arg):
-        prereqs.append(RunSpec(name, build({"arg": arg}, f"prerequisite {name}"), {"arg": arg}))
+        origin = f"prerequisite {name!r}"
+        check_run_name(name, origin)
+        prereqs.append(RunSpec(name, build({"arg": arg}, origin), {"arg": arg}))
     sweep = _call_with_arg(getattr(study, "get_sweep", lambda: [{}]), study_arg)
     runs = []
     for i, overrides in enumerate(sweep):
-        name = overrides.get("name") or run_name(overrides)
-        runs.append(RunSpec(name, build(overrides, f"sweep entry {i}"), overrides))
+        origin = f"sweep entry {i}"
+        if not isinstance(overrides, dict):
+            raise ConfigError(f"{origin}: got {overrides!r}; expected a dict of overrides")
+        name = overrides["name"] if "name" in overrides else run_name(overrides)
+        check_run_name(name, origin + (" (its 'name')" if "name" in overrides else ""))
+        runs.append(RunSpec(name, build(overrides, origin), overrides))
     names = [r.name for r in prereqs + runs]
     dup = {n for n in names if names.count(n) > 1}
     if dup:
-        raise ValueError(f"sweep: duplicate run names {sorted(dup)}; give entries a 'name'")
+        raise ConfigError(f"sweep: duplicate run names {sorted(dup)}; give entries a 'name'")
     return prereqs, runs
 
 
@@ -210,15 +243,15 @@ def run_sweep(
             print(command_for(config_path, sweep_dir, spec.name), file=out)
         return []
     if emit:
-        raise ValueError(f"--emit={emit!r}; expected 'commands' or nothing")
+        raise ConfigError(f"--emit={emit!r}; expected 'commands' or nothing")
     if jobs < 1:
-        raise ValueError(f"--jobs={jobs}; expected an int >= 1")
+        raise ConfigError(f"--jobs={jobs}; expected an int >= 1")
     selected = prereqs + runs
     if only:
         selected = [s for s in selected if s.name == only]
         if not selected:
             names = ", ".join(s.name for s in prereqs + runs)
-            raise ValueError(f"--only={only!r} names no run; runs: {names}")
+            raise ConfigError(f"--only={only!r} names no run; runs: {names}")
     os.makedirs(sweep_dir, exist_ok=True)
     t0 = time.time()
     total = len(selected)

@@ -15,8 +15,11 @@ USER_ERRORS = (FtjaxError, ValueError, OSError, KeyError, TypeError, AttributeEr
 def one_line(e: BaseException) -> str:
     """The informative line of an error message. Config-file errors arrive as
     whole tracebacks inside absl's message: their last line is the cause."""
-    text = str(e).strip()
-    lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
+    # KeyError's str() is the repr of its message, escapes and quotes included.
+    text = (
+        e.args[0] if isinstance(e, KeyError) and e.args and isinstance(e.args[0], str) else str(e)
+    )
+    lines = [ln.strip() for ln in text.strip().splitlines() if ln.strip()]
     if not lines:
         return type(e).__name__
     if len(lines) == 1:
@@ -27,6 +30,82 @@ def one_line(e: BaseException) -> str:
     return re.sub(r"^[\w.]*(Error|Exception|Mismatch): ", "", last)
 
 
+def _config_overrides(argv, name: str = "config") -> tuple[str | None, list[str]]:
+    """(the value of --config, the dotted paths of the --config.<path>=... overrides)."""
+    value, paths = None, []
+    for i, arg in enumerate(argv):
+        m = re.match(rf"^--?{name}(=(.*))?$", arg)
+        if m:
+            value = m.group(2) if m.group(1) else (argv[i + 1] if i + 1 < len(argv) else None)
+            continue
+        m = re.match(rf"^--?(no)?{name}\.([^=]+)", arg)
+        if m:
+            paths.append(m.group(2))
+    return value, paths
+
+
+def _type_name(value) -> str:
+    return "None" if value is None else type(value).__name__
+
+
+def check_override_path(cfg, path: str, name: str = "config") -> str | None:
+    """The one-line error for an override `--config.<path>` that names no field
+    of `cfg` (None when it names one).
+
+    >>> check_override_path(cfg, "optimm.lr")
+    "--config.optimm.lr: the config has no field 'optimm' (sections: data, model, ...)"
+    """
+    import difflib
+
+    from ml_collections import ConfigDict, FieldReference
+
+    node, seen = cfg, []
+    for part in path.split("."):
+        if "[" in part:  # indexing syntax: left to ml_collections
+            return None
+        if isinstance(node, FieldReference):
+            node = node.get()
+        where = f"--{name}.{path}"
+        if not isinstance(node, (ConfigDict, dict)):
+            return (
+                f"{where}: {'.'.join(seen)} is a {_type_name(node)}, not a section; "
+                f"expected --{name}.{'.'.join(seen)}=<value>"
+            )
+        if part not in node:
+            keys = sorted(node.keys())
+            if seen:
+                avail = f"fields of {'.'.join(seen)}: {', '.join(keys)}"
+            else:
+                avail = f"sections: {', '.join(keys)}"
+            close = difflib.get_close_matches(part, keys, n=1)
+            hint = f"; did you mean {close[0]!r}?" if close else ""
+            return f"{where}: the config has no field {part!r} ({avail}){hint}"
+        node = node[part]
+        seen.append(part)
+    return None
+
+
+def _override_error(argv) -> str | None:
+    """Why a --config.<path> override names no field, found by loading the
+    config again (absl's own message is a bare KeyError)."""
+    from absl import flags
+
+    value, paths = _config_overrides(argv)
+    if not value or not paths or "config" not in flags.FLAGS:
+        return None
+    try:
+        cfg = flags.FLAGS["config"].parser.parse(value)
+    except Exception:  # the config file itself is broken: absl's message says so
+        return None
+    if not hasattr(cfg, "keys"):  # --config is not a config-file flag here
+        return None
+    for path in paths:
+        msg = check_override_path(cfg, path)
+        if msg:
+            return msg
+    return None
+
+
 def parse_flags(argv):
     """absl's flag parsing, with one `error:` line instead of a usage dump."""
     from absl import flags
@@ -34,12 +113,13 @@ def parse_flags(argv):
     try:
         return flags.FLAGS(argv)
     except Exception as e:  # any failure here is bad input: flags or config file
-        msg = one_line(e)
-        if "Unknown command line flag 'config." in msg:
-            msg += " (no such field in the config)"
-        if isinstance(e, AttributeError):  # ConfigDict: unknown field in an override
-            detail = str(e).strip("'\"").replace("\\n", " ").replace("\\'", "'")
-            msg = f"--config override names a field the config does not have: {detail}"
+        msg = None
+        if isinstance(e, (KeyError, AttributeError, ValueError, flags.Error)):
+            msg = _override_error(argv)
+        if msg is None:
+            msg = one_line(e)
+            if "Unknown command line flag 'config." in msg:
+                msg += " (no such field in the config)"
         print(f"error: {msg}", file=sys.stderr)
         sys.exit(2)
 

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 from ftjax import data
+from ftjax.data.errors import DataError
 from ftjax.data.synthetic import build_char_tokenizer
 from ftjax.data.tokenize import load_tokenizer
 from ftjax.models import ModelConfig, build_model
@@ -189,7 +190,7 @@ def test_eval_batches_cover_each_example_once(files, tok):
         # Deterministic: a second pass gives the same arrays.
         again = list(procs[0].eval_batches("g"))
         chex.assert_trees_all_equal(again, list(procs[0].eval_batches("g")))
-    with pytest.raises(KeyError, match="no eval data for source 'x'"):
+    with pytest.raises(DataError, match="no eval data for source 'x'"):
         next(procs[0].eval_batches("x"))
 
 

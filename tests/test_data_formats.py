@@ -133,3 +133,17 @@ def test_bad_messages_name_the_line(tmp_path, tok):
     ]
     with pytest.raises(data.DataError, match=r"d\.jsonl line 2: message 0 has no 'content' string"):
         pipeline(tmp_path, tok, rows, "chat")
+
+
+@pytest.mark.parametrize("role", ["robot", "asistant"])
+def test_unknown_role_is_refused_not_dropped(tmp_path, tok, role):
+    rows = [
+        {"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]},
+        {"messages": [{"role": "user", "content": "a"}, {"role": role, "content": "b"}]},
+    ]
+    with pytest.raises(data.DataError) as e:
+        pipeline(tmp_path, tok, rows, "chat")
+    assert str(e.value).endswith(
+        f"d.jsonl line 2: message 1 has unknown role {role!r}; expected one of "
+        "system, user, assistant, tool"
+    )

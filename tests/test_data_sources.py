@@ -114,6 +114,49 @@ def test_csv_missing_value_names_the_row(tmp_path, tok):
         data.build_pipeline(cfg, tokenizer=tok)
 
 
+@pytest.mark.parametrize("suffix", ["jsonl", "json", "csv", "txt"])
+def test_non_utf8_byte_names_file_and_line(tmp_path, tok, suffix):
+    path = tmp_path / f"d.{suffix}"
+    first = {"jsonl": '{"text": "ok"}', "json": '{"text": "ok"}', "csv": "text", "txt": "ok"}
+    path.write_bytes(first[suffix].encode() + b"\n" + b'{"text": "caf\xe9"}\n')
+    src = data.source_config(str(path), format="text")
+    with pytest.raises(data.DataError) as e:
+        data.build_pipeline(make_cfg(tmp_path, {"s": src}), tokenizer=tok)
+    msg = str(e.value)
+    assert f"d.{suffix} line 2: not valid UTF-8 (byte 0xe9 at column 14)" in msg, msg
+    assert "\n" not in msg
+
+
+@pytest.mark.parametrize(
+    "name, content, why",
+    [
+        ("d.jsonl", "", "no JSON object on any line"),
+        ("d.jsonl", "\n  \n", "no JSON object on any line"),
+        ("d.json", "[]", "an empty JSON array"),
+        ("d.txt", "", "no lines"),
+        ("d.csv", "", "no header and no rows"),
+        ("d.csv", "text\n", "a header line but no rows"),
+        ("d.parquet", "", "0 bytes"),
+    ],
+)
+def test_empty_file_says_it_is_empty(tmp_path, tok, name, content, why):
+    (tmp_path / name).write_text(content)
+    src = data.source_config(str(tmp_path / name), format="text")
+    with pytest.raises(data.DataError) as e:
+        data.build_pipeline(make_cfg(tmp_path, {"s": src}), tokenizer=tok)
+    assert str(e.value).endswith(
+        f"{name}: the file is empty ({why}); expected at least one example"
+    )
+
+
+def test_empty_file_in_a_glob_is_named(tmp_path, tok):
+    write_jsonl(tmp_path / "a.jsonl", pc_rows(5))
+    (tmp_path / "b.jsonl").write_text("")
+    src = data.source_config(str(tmp_path / "*.jsonl"))
+    with pytest.raises(data.DataError, match=r"b\.jsonl: the file is empty"):
+        data.build_pipeline(make_cfg(tmp_path, {"s": src}), tokenizer=tok)
+
+
 def test_empty_after_filtering_is_an_error(tmp_path, tok):
     rows = [{"prompt": f"q{i}", "completion": ""} for i in range(5)]
     with pytest.raises(

@@ -159,6 +159,21 @@ def test_target_matching_nothing_lists_available_paths():
     assert "model/layers_*/self_attn/q_proj/kernel" in msg and "(22 in all)" in msg
 
 
+def test_one_unknown_entry_of_a_target_list_is_refused():
+    with pytest.raises(peft.TargetError) as e:
+        adapted(LLAMA, {"name": "lora", "targets": ["q_proj", "v_projj"]})
+    msg = one_line(e)
+    assert msg.startswith("method.targets[1]: module name 'v_projj' matches no kernel;")
+    assert "available module names: down_proj, gate_proj, k_proj, lm_head, o_proj" in msg
+
+
+def test_target_list_entries_may_name_a_parent():
+    _, params = adapted(GPT2, {"name": "lora", "rank": 2, "targets": ["attn/c_proj"]})
+    assert adapted_paths(params) == [f"transformer/h_{i}/attn/c_proj/kernel" for i in range(2)]
+    with pytest.raises(peft.TargetError, match=r"'attn/c_fc' matches no kernel.*c_attn, c_fc"):
+        adapted(GPT2, {"name": "lora", "targets": ["attn/c_proj", "attn/c_fc"]})
+
+
 def test_rank_larger_than_a_matrix_side_names_the_path():
     with pytest.raises(peft.RankError) as e:
         adapted(LLAMA, {"name": "lora", "rank": 17, "targets": "qv"})

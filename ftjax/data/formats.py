@@ -62,6 +62,11 @@ def _string(value, field: str, where: str) -> str:
     return value
 
 
+# The roles chat templates know; a misspelt one would render as nothing the
+# model is trained on, and the row would be dropped as empty.
+CHAT_ROLES = ("system", "user", "assistant", "tool")
+
+
 def _messages(value, field: str, where: str) -> list[dict]:
     if not isinstance(value, (list, tuple)) or not value:
         raise DataError(
@@ -72,6 +77,11 @@ def _messages(value, field: str, where: str) -> list[dict]:
     for j, m in enumerate(value):
         if not isinstance(m, dict) or not isinstance(m.get("role"), str):
             raise DataError(f"{where}: message {j} is {m!r}; expected a dict with a 'role' string")
+        if m["role"] not in CHAT_ROLES:
+            raise DataError(
+                f"{where}: message {j} has unknown role {m['role']!r}; expected one of "
+                f"{', '.join(CHAT_ROLES)}"
+            )
         if not isinstance(m.get("content"), str):
             raise DataError(f"{where}: message {j} has no 'content' string; expected one")
         # datasets fills keys other rows have with None; templates should not see them.

@@ -191,7 +191,7 @@ class Pipeline:
 
     def _eval_source(self, name: str) -> PreparedSource:
         if name not in self.eval_names:
-            raise KeyError(f"no eval data for source {name!r}; eval sources: {self.eval_names}")
+            raise DataError(f"no eval data for source {name!r}; eval sources: {self.eval_names}")
         return self.sources[name]
 
     def num_eval_batches(self, name: str) -> int:

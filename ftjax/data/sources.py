@@ -102,38 +102,78 @@ def _builder(files: list[str], path: str) -> str:
     return kinds.pop()
 
 
+def _utf8_error(file: str, raw: bytes, e: UnicodeDecodeError, first_line: int = 1) -> DataError:
+    """'data.jsonl line 3: not valid UTF-8 (byte 0xe9 at column 12); ...' for a
+    decode failure at byte `e.start` of `raw`, whose first line is `first_line`."""
+    line = first_line + raw.count(b"\n", 0, e.start)
+    column = e.start - (raw.rfind(b"\n", 0, e.start) + 1) + 1
+    return DataError(
+        f"{file} line {line}: not valid UTF-8 (byte 0x{raw[e.start]:02x} at column {column}); "
+        "expected UTF-8 text (re-encode the file, e.g. iconv -f latin1 -t utf-8)"
+    )
+
+
+def read_lines(file: str):
+    """(line number, text) of every line of a UTF-8 file, 1-based; a byte that
+    is not UTF-8 raises DataError naming the file and line."""
+    with open(file, "rb") as f:
+        for number, raw in enumerate(f, start=1):
+            try:
+                yield number, raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise _utf8_error(file, raw, e, number) from None
+
+
+def read_text(file: str) -> str:
+    """The whole of a UTF-8 file; a byte that is not UTF-8 raises DataError
+    naming the file and line."""
+    with open(file, "rb") as f:
+        raw = f.read()
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise _utf8_error(file, raw, e) from None
+
+
+def _empty(file: str, what: str = "no rows") -> DataError:
+    return DataError(f"{file}: the file is empty ({what}); expected at least one example")
+
+
 def check_json_lines(file: str) -> list[int]:
     """Line numbers (1-based) of the non-blank lines of a JSON-lines file, each
     checked to be one JSON object.
 
     Raises DataError naming the file and line, e.g.
     "data.jsonl line 3: not valid JSON (Expecting ',' delimiter, column 17); expected one JSON object per line".
+    A file with no non-blank line is refused as empty.
     """
     lines = []
-    with open(file, encoding="utf-8") as f:
-        for number, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            try:
-                value = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise DataError(
-                    f"{file} line {number}: not valid JSON ({e.msg}, column {e.colno}); "
-                    "expected one JSON object per line"
-                ) from None
-            if not isinstance(value, dict):
-                raise DataError(
-                    f"{file} line {number}: got a JSON {type(value).__name__}; "
-                    "expected one JSON object per line"
-                )
-            lines.append(number)
+    for number, line in read_lines(file):
+        if not line.strip():
+            continue
+        try:
+            value = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise DataError(
+                f"{file} line {number}: not valid JSON ({e.msg}, column {e.colno}); "
+                "expected one JSON object per line"
+            ) from None
+        if not isinstance(value, dict):
+            raise DataError(
+                f"{file} line {number}: got a JSON {type(value).__name__}; "
+                "expected one JSON object per line"
+            )
+        lines.append(number)
+    if not lines:
+        raise _empty(file, "no JSON object on any line")
     return lines
 
 
 def _check_json_file(file: str) -> list[int] | None:
     """A `.json` file is either one array of objects (rows, no lines) or JSON lines."""
-    with open(file, encoding="utf-8") as f:
-        text = f.read()
+    text = read_text(file)
+    if not text.strip():
+        raise _empty(file, "no JSON in it")
     try:
         value = json.loads(text)
     except json.JSONDecodeError:
@@ -145,6 +185,8 @@ def _check_json_file(file: str) -> list[int] | None:
             f"{file}: got a JSON {type(value).__name__}; expected an array of objects "
             "or one object per line"
         )
+    if not value:
+        raise _empty(file, "an empty JSON array")
     for i, row in enumerate(value):
         if not isinstance(row, dict):
             raise DataError(
@@ -154,22 +196,40 @@ def _check_json_file(file: str) -> list[int] | None:
 
 
 def _text_lines(file: str) -> list[int]:
-    with open(file, encoding="utf-8") as f:
-        return list(range(1, sum(1 for _ in f) + 1))
+    numbers = [n for n, _ in read_lines(file)]
+    if not numbers:
+        raise _empty(file, "no lines")
+    return numbers
+
+
+def _check_csv(file: str) -> None:
+    """UTF-8 throughout, and at least one row after the header line."""
+    non_blank = sum(1 for _, line in read_lines(file) if line.strip())
+    if non_blank == 0:
+        raise _empty(file, "no header and no rows")
+    if non_blank == 1:
+        raise _empty(file, "a header line but no rows")
 
 
 def load_local(path: str, cache_dir: str = "") -> RawSplit:
-    """A local json/jsonl/csv/parquet/txt file (or glob) as a `datasets.Dataset`."""
+    """A local json/jsonl/csv/parquet/txt file (or glob) as a `datasets.Dataset`.
+
+    Text files are checked first: UTF-8, well-formed JSON lines, not empty; a
+    failure names the file and line.
+    """
     files = resolve_files(path)
     builder = _builder(files, path)
     lines: list[tuple[str, int]] | None = []
     for f in files:
+        numbers = None
         if builder == "json":
             numbers = check_json_lines(f) if f.endswith(".jsonl") else _check_json_file(f)
         elif builder == "text":
             numbers = _text_lines(f)
-        else:
-            numbers = None
+        elif builder == "csv":
+            _check_csv(f)
+        elif os.path.getsize(f) == 0:
+            raise _empty(f, "0 bytes")
         if numbers is None or lines is None:
             lines = None
         else:
@@ -180,6 +240,8 @@ def load_local(path: str, cache_dir: str = "") -> RawSplit:
         )
     except Exception as e:  # Arrow/builder errors: keep them to one line
         raise DataError(f"{path}: datasets could not read it ({_first_line(e)})") from e
+    if len(ds) == 0:
+        raise DataError(f"{path}: no rows in it; expected at least one example")
     if lines is not None and len(lines) != len(ds):
         lines = None  # a reader that skips or splits rows differently: fall back to row numbers
     return RawSplit(ds, path, lines)

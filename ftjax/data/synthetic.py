@@ -26,6 +26,8 @@ import os
 import random
 import string
 
+from ftjax.data.errors import DataError
+
 # Characters the tokenizer knows; anything else maps to <unk>.
 ALPHABET = (
     string.ascii_lowercase
@@ -177,7 +179,7 @@ TASKS = {
 
 def _task(name: str):
     if name not in TASKS:
-        raise ValueError(f"unknown synthetic task {name!r}; tasks: {sorted(TASKS)}")
+        raise DataError(f"unknown synthetic task {name!r}; tasks: {sorted(TASKS)}")
     return TASKS[name]
 
 
@@ -201,7 +203,7 @@ def make_examples(
         if prompt in exclude or len(prompt) + len(answer) > MAX_CHARS:
             rejected += 1
             if rejected > 100 * n + 1000:  # the eval set has taken (nearly) every prompt
-                raise ValueError(f"{split}: cannot draw {n} prompts outside the eval set")
+                raise DataError(f"{split}: cannot draw {n} prompts outside the eval set")
             continue
         rows.append({"id": f"{split}-{len(rows):06d}", "task": task, "prompt": prompt,
                      "completion": answer, "answer": answer, "noisy": False})  # fmt: skip
@@ -251,9 +253,9 @@ def write_suite(
         ['general_eval', 'general_train', 'manifest', 'target_eval', 'target_train']
     """
     if target_task not in TARGET_TASKS:
-        raise ValueError(f"target_task={target_task!r}; expected one of {TARGET_TASKS}")
+        raise DataError(f"target_task={target_task!r}; expected one of {TARGET_TASKS}")
     if not 0 <= label_noise < 1:
-        raise ValueError(f"label_noise={label_noise}; expected a rate in [0, 1)")
+        raise DataError(f"label_noise={label_noise}; expected a rate in [0, 1)")
     os.makedirs(out_dir, exist_ok=True)
     general_ev = make_examples(GENERAL_TASKS, general_eval, seed, "general-eval")
     general_tr = make_examples(

@@ -293,10 +293,22 @@ def read_config(ckpt_dir: str) -> dict:
     if not os.path.isfile(path):
         raise CheckpointError(f"{path}: missing config.json (not a Hugging Face checkpoint dir)")
     try:
-        with open(path) as f:
-            return json.load(f)
-    except json.JSONDecodeError as e:
+        with open(path, encoding="utf-8") as f:
+            hf = json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise CheckpointError(f"{path}: invalid JSON ({e})") from None
+    if not isinstance(hf, dict):
+        raise CheckpointError(f"{path}: got a JSON {type(hf).__name__}; expected an object")
+    return hf
+
+
+def _dtype(value, name: str) -> str:
+    try:
+        return str(jnp.dtype(value))
+    except TypeError:
+        raise ModelError(
+            f"{name}={value!r} is not a dtype; expected e.g. float32, bfloat16, float16"
+        ) from None
 
 
 def read_tensors(ckpt_dir: str) -> tuple[dict, str]:
@@ -305,8 +317,19 @@ def read_tensors(ckpt_dir: str) -> tuple[dict, str]:
     if os.path.isfile(single):
         return safetensors_io.load(single), single
     if os.path.isfile(index):
-        with open(index) as f:
-            weight_map = json.load(f).get("weight_map", {})
+        try:
+            with open(index, encoding="utf-8") as f:
+                weight_map = json.load(f).get("weight_map", {})
+        except (json.JSONDecodeError, UnicodeDecodeError, AttributeError) as e:
+            raise CheckpointError(
+                f"{index}: invalid index ({e}); expected a JSON object with a weight_map"
+            ) from None
+        if not isinstance(weight_map, dict) or not all(
+            isinstance(v, str) for v in weight_map.values()
+        ):
+            raise CheckpointError(
+                f"{index}: weight_map is not an object of tensor name -> shard file name"
+            )
         tensors = {}
         for shard in sorted(set(weight_map.values())):
             shard_path = os.path.join(ckpt_dir, shard)
@@ -341,8 +364,8 @@ def from_pretrained(
     cfg = config_from_hf(
         hf,
         os.path.join(ckpt_dir, "config.json"),
-        dtype=str(jnp.dtype(dtype)),
-        param_dtype=str(jnp.dtype(param_dtype or dtype)),
+        dtype=_dtype(dtype, "dtype"),
+        param_dtype=_dtype(param_dtype or dtype, "param_dtype"),
         scan_layers=scan_layers,
         remat=remat,
     )

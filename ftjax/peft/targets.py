@@ -88,6 +88,29 @@ def compile_regex(regex: str, field: str) -> re.Pattern:
         raise TargetError(f"{field}: invalid regex {regex!r} ({e})") from None
 
 
+def _module_name(path: str) -> str:
+    """`model/layers_0/self_attn/q_proj/kernel` -> `q_proj`."""
+    return path.split("/")[-2]
+
+
+def _check_entries(names, kernels: Sequence[str], field: str) -> None:
+    """Every entry of a module-name list matches at least one kernel: a typo in
+    one entry must not silently adapt only the others."""
+    available = sorted({_module_name(p) for p in kernels})
+    for i, name in enumerate(names):
+        if not isinstance(name, str) or not name.strip("/"):
+            raise TargetError(
+                f"{field}[{i}]: {name!r} is not a module name; expected a string such as "
+                f"{available[0] if available else 'q_proj'!r}"
+            )
+        regex = re.compile(r"(^|/)" + re.escape(name) + r"/kernel$")
+        if not any(regex.search(p) for p in kernels):
+            raise TargetError(
+                f"{field}[{i}]: module name {name!r} matches no kernel; available module "
+                f"names: {', '.join(available)}"
+            )
+
+
 def select(params, targets, *, field: str = "method.targets", plain_only: bool = True) -> list[str]:
     """Paths of the kernels that `targets` selects; raises TargetError when none.
 
@@ -103,6 +126,8 @@ def select(params, targets, *, field: str = "method.targets", plain_only: bool =
         and len(getattr(leaf, "shape", ())) >= 2
         and not (plain_only and is_leaf(leaf))
     ]
+    if not isinstance(targets, str):
+        _check_entries(targets, kernel_paths(params), field)
     regex = compile_regex(pattern(params, targets), field)
     chosen = [p for p in candidates if regex.search(p)]
     if not chosen:
