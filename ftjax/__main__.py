@@ -8,16 +8,21 @@
 
 import argparse
 import os
-import subprocess
 import sys
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# The study is configuration, kept with the other experiments of a source checkout.
+STUDY = os.path.join(
+    os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+    "experiments",
+    "forgetting",
+    "study.py",
+)
 
 
 def default_jobs() -> int:
     """The study's model is too small to keep more than one or two cores busy
     per run, so its runs share the machine: one per core, up to four."""
-    from ftjax.sweep import usable_cpus
+    from ftjax.study.runner import usable_cpus
 
     cpus = usable_cpus()
     return max(1, min(4, len(cpus) if cpus is not None else os.cpu_count() or 1))
@@ -32,17 +37,27 @@ def main() -> int:
         help="fine-tuning runs at a time, each on its share of the cores (default: %(default)s)",
     )  # fmt: skip
     args = parser.parse_args()
-    study = os.path.join(ROOT, "experiments", "forgetting", "study.py")
-    if not os.path.exists(study):
+    if not os.path.exists(STUDY):
         print("error: experiments/ not found: run from a source checkout", file=sys.stderr)
         return 2
-    config = study + (":quick=1" if args.quick else "")
-    sweep = [f"--config={config}", "--quiet", f"--jobs={args.jobs}"]
-    for script, extra in (("sweep.py", sweep), ("report.py", [])):
-        cmd = [sys.executable, os.path.join(ROOT, "scripts", script), f"--workdir={args.workdir}"]
-        code = subprocess.call(cmd + extra)
-        if code:
-            return code
+    from ftjax import cli
+    from ftjax.study.report import write_report
+    from ftjax.study.runner import PREEMPTED_EXIT, Preempted, RunFailed
+    from ftjax.study.runner import main as sweep
+
+    def study(_):
+        try:
+            sweep(STUDY + (":quick=1" if args.quick else ""), args.workdir, quiet=True,
+                  jobs=args.jobs)  # fmt: skip
+        except RunFailed as e:
+            print(f"error: {e}", file=sys.stderr)
+            sys.exit(e.code)
+        except Preempted as e:
+            print(f"stopped: {e}", file=sys.stderr)
+            sys.exit(PREEMPTED_EXIT)
+        print(f"report: {write_report(args.workdir)}")
+
+    cli.run_main(study, None)
     return 0
 
 

@@ -1,5 +1,6 @@
-"""What every entry point shares: one clear line and a non-zero exit on bad
-input, instead of a traceback."""
+"""What every entry point shares: one clear `error:` line and exit status 2
+on bad input (an `FtjaxError`) instead of a traceback, quiet libraries, and
+the persistent compilation cache. Scripts and the sweep runner call `run_main`."""
 
 from __future__ import annotations
 

@@ -20,7 +20,7 @@ flags.mark_flags_as_required(["workdir"])
 
 def main(argv):
     del argv
-    from ftjax.report import write_report
+    from ftjax.study.report import write_report
 
     path = write_report(_WORKDIR.value, _TARGET.value, _GENERAL.value, _METRIC.value)
     print(f"report: {path}")

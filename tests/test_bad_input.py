@@ -15,7 +15,7 @@ import pytest
 
 from ftjax.errors import ConfigError, FtjaxError, ModelError
 from ftjax.models import from_pretrained, safetensors_io
-from ftjax.sweep import expand, set_path
+from ftjax.study.sweep import expand, set_path
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 QUICK = os.path.join(ROOT, "experiments", "quick", "train.py")
@@ -171,11 +171,8 @@ def test_config_section_typo_is_one_clean_line(tmp_path):
 
 
 def test_override_path_messages():
-    sys.path.insert(0, os.path.join(ROOT, "scripts"))
-    try:
-        from _cli import check_override_path, one_line
-    finally:
-        sys.path.pop(0)
+    from ftjax.cli import check_override_path, one_line
+
     cfg = ml_collections.ConfigDict({"optim": {"lr": 1.0, "b1": 0.9}, "model": {"dtype": "x"}})
     assert check_override_path(cfg, "optim.lr") is None
     assert check_override_path(cfg, "optim.lrr") == (

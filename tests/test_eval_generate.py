@@ -212,16 +212,15 @@ def test_answers_in_uniform_batches_equal_one_prompt_at_a_time():
     """The study's exact-match generation pads every batch to one width and
     fills the last batch with repeats (one compiled program per eval set); the
     answers must be those of each prompt decoded alone without a cache."""
-    import ml_collections
     from test_eval_helpers import char_tokenizer
 
-    from ftjax.experiment import generate_answers
+    from ftjax.eval import generate_answers
 
     model, params = _tiny("llama")
     tok = char_tokenizer()
     prompts = ["ab", "hello w", "x", "qrs", "zz top", "m"]  # 6 prompts, batches of 4
-    ecfg = ml_collections.ConfigDict(dict(batch_size=4, max_new_tokens=5))
-    got = generate_answers(model, params, tok, prompts, ecfg, add_bos=False)
+    got = generate_answers(model, params, tok, prompts, max_new_tokens=5, batch_size=4,
+                           add_bos=False)  # fmt: skip
     want = []
     for p in prompts:
         ids = _greedy_without_cache(model, params, tok.encode(p), 5, stop=(tok.eos_token_id,))

@@ -6,7 +6,17 @@ import numpy as np
 import pytest
 from test_eval_helpers import VOCAB, tiny_model
 
-from ftjax.eval import evaluate_batches, evaluate_sets, forgetting
+from ftjax.eval import (
+    evaluate_batches,
+    evaluate_sets,
+    flatten_sets,
+    forgetting,
+    lower_is_better,
+    metric_change,
+    perplexity,
+    summarize,
+    unflatten_sets,
+)
 
 
 @pytest.fixture(scope="module")
@@ -116,3 +126,42 @@ def test_forgetting_signs_and_means():
         forgetting(before, after, sets=["task"])
     with pytest.raises(ValueError, match=r"no eval set in common"):
         forgetting({"a": {"loss": 1.0}}, {"b": {"loss": 1.0}})
+
+
+def test_one_perplexity_everywhere():
+    """exp(loss) without a finite cap: inf only where exp overflows; summarize
+    (the reduction the training loop shares) uses it."""
+    assert perplexity(2.0) == pytest.approx(np.exp(2.0), rel=1e-15)
+    assert perplexity(60.0) == pytest.approx(np.exp(60.0), rel=1e-15)  # no cap at e^50
+    assert perplexity(709.0) < float("inf") and perplexity(710.0) == float("inf")
+    got = summarize({"loss_sum": 30.0, "correct_sum": 4.0, "weight_sum": 10.0})
+    assert got == {"loss": 3.0, "perplexity": perplexity(3.0), "accuracy": 0.4, "tokens": 10.0}
+
+
+def test_summary_keys_round_trip():
+    sets = {"target": {"loss": 1.5, "accuracy": 0.6, "tokens": 9.0}, "a/b": {"loss": 2.0}}
+    flat = flatten_sets(sets, "final")
+    assert flat == {"final/target/loss": 1.5, "final/target/token_accuracy": 0.6,
+                    "final/a/b/loss": 2.0}  # fmt: skip
+    assert unflatten_sets({**flat, "final/loss": 9.0, "eval/target/loss": 7.0}, "final") == {
+        "target": {"loss": 1.5, "accuracy": 0.6}, "a/b": {"loss": 2.0}}  # fmt: skip
+    assert flatten_sets(sets, "base", metrics=("loss",)) == {
+        "base/target/loss": 1.5, "base/a/b/loss": 2.0}  # fmt: skip
+
+
+def test_metric_change_direction_and_names():
+    assert metric_change("loss", 2.0, 2.5) == ("loss_increase", 0.5)
+    assert metric_change("word_perplexity", 10.0, 12.0) == ("word_perplexity_increase", 2.0)
+    assert metric_change("exact_match", 0.75, 0.5) == ("exact_match_drop", 0.25)
+    # lm-eval's filtered names take the direction of their metric.
+    assert metric_change("exact_match_strict-match", 0.5, 0.25) == (
+        "exact_match_strict-match_drop", 0.25)  # fmt: skip
+    assert metric_change("acc_norm", 0.5, 0.75) == ("acc_norm_drop", -0.25)
+    assert metric_change("tokens", 10, 12) is None and lower_is_better("mystery") is None
+    # forgetting() keeps only metrics of known direction.
+    got = forgetting({"s": {"loss": 1.0, "tokens": 5.0, "score": 0.5}},
+                     {"s": {"loss": 1.5, "tokens": 6.0, "score": 0.25}})  # fmt: skip
+    assert set(got["s"]) == {"loss_before", "loss_after", "loss_increase",
+                             "score_before", "score_after", "score_drop"}  # fmt: skip
+    with pytest.raises(ValueError, match=r"no metric that both sides report"):
+        forgetting({"s": {"tokens": 1.0}}, {"s": {"tokens": 2.0}})

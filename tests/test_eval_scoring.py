@@ -13,6 +13,7 @@ from ftjax.eval import (
     loglikelihoods,
     normalize_answer,
     score_multiple_choice,
+    strip_whitespace,
 )
 
 _forward = jax.jit(
@@ -44,14 +45,44 @@ def test_exact_match_with_normalizer_hook():
     preds = ["The Answer: Paris!", "4", " forty-two "]
     refs = [["paris", "Paris, France"], "four", "Forty-two"]
     assert normalize_answer(preds[0]) == "answer paris"
-    assert exact_match_scores(preds, refs) == [False, False, True]
+    assert exact_match_scores(preds, refs, normalizer=normalize_answer) == [False, False, True]
     # A task-specific normalizer: keep only what follows "Answer:".
     answer_only = lambda s: normalize_answer(s.split("Answer:")[-1])
     assert exact_match_scores(preds, refs, normalizer=answer_only) == [True, False, True]
     assert exact_match(preds, refs, normalizer=None) == 0.0  # raw strings differ
     assert exact_match(["a"], ["a"], normalizer=None) == 1.0
     with pytest.raises(ValueError, match=r"2 predictions but 1 references"):
-        exact_match(["a", "b"], ["a"])
+        exact_match(["a", "b"], ["a"], normalizer=None)
+    with pytest.raises(TypeError, match=r"normalizer"):  # the normalization is never implicit
+        exact_match(["a"], ["a"])
+
+
+def test_exact_string_answers_ignore_only_surrounding_whitespace():
+    """The synthetic suite's answers are exact strings: case, punctuation and
+    words like "a" are part of them, only generation's stray whitespace is not."""
+    preds = [" cba\n", "Cba", "cba.", "a", "the cat", "1 2"]
+    refs = ["cba", "cba", "cba", "a", "cat", "12"]
+    assert exact_match_scores(preds, refs, normalizer=strip_whitespace) == [
+        True, False, False, True, False, False]  # fmt: skip
+    # SQuAD's normalization would count three wrong answers right ("Cba", "cba.", "the cat").
+    assert exact_match_scores(preds, refs, normalizer=normalize_answer) == [
+        True, True, True, True, True, False]  # fmt: skip
+    assert exact_match(preds, refs, normalizer=strip_whitespace) == pytest.approx(2 / 6)
+
+
+def test_exact_match_on_scores_generated_answers():
+    """exact_match_on = generate_answers, then exact_match: references made
+    from the model's own greedy answers all match, changed ones do not."""
+    from ftjax.eval import exact_match_on, generate_answers
+
+    model, params = tiny_model("llama")
+    tok = char_tokenizer()
+    prompts = ["ab", "hello", "xyz", "q"]
+    answers = generate_answers(model, params, tok, prompts, max_new_tokens=4, add_bos=False)
+    kw = dict(max_new_tokens=4, batch_size=3, add_bos=False)
+    assert exact_match_on(model, params, tok, prompts, answers, **kw) == 1.0
+    wrong = answers[:2] + [a + "!" for a in answers[2:]]
+    assert exact_match_on(model, params, tok, prompts, wrong, **kw) == 0.5
 
 
 def test_multiple_choice_equals_numpy_log_likelihoods():

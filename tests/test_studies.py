@@ -19,8 +19,8 @@ import transformers
 from hf_fixtures import TINY_CONFIGS
 
 from ftjax.data import build_char_tokenizer
-from ftjax.report import write_report
-from ftjax.sweep import load_study
+from ftjax.study import evaluate_run, training_eval_sets, write_report
+from ftjax.study.sweep import load_study
 from ftjax.train import train
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -182,11 +182,30 @@ def test_learns_less_forgets_less_offline(llama_dir, sft_data, tmp_path):
     run = tmp_path / "sweep" / "method=lora,rank=4"
     result = train(cfg, str(run))
     check_run(result, str(run), 3)
-    from ftjax.experiment import evaluate_run
+    # The final losses are the training loop's last evaluation, not computed again ...
+    final_sets = training_eval_sets(result.summary, cfg)
+    out = evaluate_run(result, cfg, str(run), final_sets=final_sets, extra={"checkpoint_step": 3})
+    assert out["checkpoint_step"] == 3
+    names = result.pipeline.eval_names
+    assert set(final_sets) == set(names)
+    for name in names:
+        assert out[f"final/{name}/loss"] == result.summary[f"eval/{name}/loss"]
+    # ... and they are the numbers ftjax.eval computes for the merged weights.
+    from ftjax import peft
+    from ftjax.eval import evaluate_sets
 
-    out = evaluate_run(result, cfg, str(run))
+    merged = peft.merge(result.params)
+    again = evaluate_sets(result.model, merged, {n: result.pipeline.eval_batches(n) for n in names})
+    for name in names:
+        assert out[f"final/{name}/loss"] == pytest.approx(again[name]["loss"], rel=1e-5)
+        assert out[f"final/{name}/token_accuracy"] == pytest.approx(again[name]["accuracy"])
+    summary = json.load(open(run / "summary.json"))
+    assert summary["evaluated"] is True and json.load(open(run / "eval.json")) == out
     # General text is eval-only: its loss before and after is perplexity forgetting.
     assert result.summary["data"]["sources"]["general_text"]["train_examples"] == 0
+    assert out["forgetting/general_text/loss_increase"] == pytest.approx(
+        out["final/general_text/loss"] - out["base/general_text/loss"], abs=1e-12
+    )
     assert math.isfinite(out["forgetting/general_text/loss_increase"])
 
     pytest.importorskip("lm_eval")

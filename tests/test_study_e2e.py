@@ -84,13 +84,28 @@ def test_report_tables_and_plots(sweep_dir):
     assert "lora r=4 all-linear" in md and "qlora r=4 all-linear" in md
     assert "## Findings" in md and "Pareto front" in md
     assert "4 of 4 runs ran 2 at a time" in md
-    for png in (
-        "learning_vs_forgetting.png",
-        "training_curves.png",
-        "target_vs_params.png",
-        "weight_analysis.png",
-    ):
-        assert (sweep_dir / png).stat().st_size > 1000, png
+    from ftjax.study import build_report
+
+    report = build_report(str(sweep_dir))
+    assert sorted(report.figures) == sorted(
+        ["learning_vs_forgetting.png", "training_curves.png", "target_vs_params.png",
+         "weight_analysis.png"])  # fmt: skip
+    for png in report.figures:
+        assert (sweep_dir / png).exists(), png
+    rows = {r["label"]: r for r in report.rows}
+    ax = report.figures["learning_vs_forgetting.png"].axes[0]
+    points = {c.get_label(): c.lines[0].get_xydata().ravel().tolist() for c in ax.containers}
+    assert set(points) == set(rows)  # one point per configuration, at the table's values
+    for label, row in rows.items():
+        want = [row["target"].mean * 100, row["forgetting"].mean * 100]
+        assert points[label] == pytest.approx(want), label
+    curves = report.figures["training_curves.png"].axes[0].lines
+    assert {line.get_label() for line in curves} == set(rows)
+    assert all(len(line.get_xdata()) > 1 for line in curves)
+    bars = report.figures["weight_analysis.png"].axes[0].patches
+    assert [b.get_height() for b in bars] == pytest.approx(
+        [r["energy_rank"].mean for r in report.rows if r["energy_rank"].mean is not None]
+    )
     assert "base" not in [
         line.split("|")[1].strip() for line in md.splitlines() if line.startswith("| ")
     ]
@@ -107,7 +122,10 @@ def test_emit_commands(sweep_dir):
     )
     lines = out.stdout.strip().splitlines()
     assert len(lines) == 5 and "--only=base" in lines[0]
-    assert all("scripts/sweep.py" in line and f"--workdir={sweep_dir}" in line for line in lines)
+    assert all(
+        "python -m ftjax.study.runner" in line and f"--workdir={sweep_dir}" in line
+        for line in lines
+    )
 
 
 def test_bad_study_arg_is_one_line(tmp_path):
@@ -179,7 +197,7 @@ def test_parallel_sweep_pins_runs_and_stops_at_a_failure(tmp_path):
     import threading
     import time
 
-    from ftjax.sweep import RunFailed, core_groups, run_sweep
+    from ftjax.study.runner import RunFailed, core_groups, run_sweep
 
     groups = core_groups(2)
     if os.cpu_count() >= 2 and hasattr(os, "sched_getaffinity"):

@@ -12,7 +12,9 @@ scores are merged into each summary.json, so `scripts/report.py` tabulates them:
         --general=harness_general --metric=score
 
 Keys written: `base/<task>/<metric>`, `final/<task>/<metric>`,
-`forgetting/<task>/<metric>_drop` (base minus final), and per group
+`forgetting/<task>/<metric>_drop` (base minus final; `<metric>_increase`,
+final minus base, for perplexity-like metrics; none for a metric whose
+direction `ftjax.eval.forgetting` does not know), and per group
 (`harness_target`, `harness_general`) the mean of each task's main metric as
 `base/<group>/score`, `final/<group>/score`, `forgetting/<group>/score_drop`.
 The base model is scored once per sweep (cached in the sweep directory).
@@ -79,22 +81,28 @@ def primary(row: dict) -> float | None:
 
 
 def forgetting_keys(base: dict, final: dict, target, general) -> dict:
-    """Summary keys from base and final harness scores (see the module doc)."""
+    """Summary keys from base and final harness scores (see the module doc);
+    every drop through `ftjax.eval.forgetting.metric_change`."""
+    from ftjax.eval.forgetting import metric_change
+
     out = {}
     for task in sorted(set(base) & set(final)):
         for metric in sorted(set(base[task]) & set(final[task])):
             b, f = base[task][metric], final[task][metric]
             out[f"base/{task}/{metric}"] = b
             out[f"final/{task}/{metric}"] = f
-            out[f"forgetting/{task}/{metric}_drop"] = b - f
+            change = metric_change(metric, b, f)
+            if change is not None:  # a metric of unknown direction has no "drop"
+                out[f"forgetting/{task}/{change[0]}"] = change[1]
     for group, tasks in (("harness_target", target), ("harness_general", general)):
         pairs = [(primary(base.get(t, {})), primary(final.get(t, {}))) for t in tasks]
         pairs = [p for p in pairs if None not in p]
         if pairs:
             b = statistics.fmean(p[0] for p in pairs)
             f = statistics.fmean(p[1] for p in pairs)
+            name, drop = metric_change("score", b, f)
             out.update({f"base/{group}/score": b, f"final/{group}/score": f,
-                        f"forgetting/{group}/score_drop": b - f})  # fmt: skip
+                        f"forgetting/{group}/{name}": drop})  # fmt: skip
     return out
 
 
@@ -112,10 +120,10 @@ def evaluate_run_dir(run_dir: str, hcfg: dict | None = None) -> dict:
 
     from ftjax.models import from_pretrained
     from ftjax.peft import load_adapter
-    from ftjax.train.loop import write_summary
+    from ftjax.study import RunDir, read_json, write_json_atomic
 
-    with open(os.path.join(run_dir, "config.json")) as f:
-        cfg = json.load(f)
+    run = RunDir(run_dir)
+    cfg = run.read_config().to_dict()
     hcfg = dict(hcfg or cfg.get("eval", {}).get("harness", {}))
     target, general = _tasks(hcfg.get("target_tasks")), _tasks(hcfg.get("general_tasks"))
     if not target and not general:
@@ -127,12 +135,10 @@ def evaluate_run_dir(run_dir: str, hcfg: dict | None = None) -> dict:
     cache = _base_cache(os.path.dirname(os.path.abspath(run_dir)), checkpoint, target + general,
                         hcfg)  # fmt: skip
     if os.path.exists(cache):
-        with open(cache) as f:
-            base = json.load(f)
+        base = read_json(cache)
     else:
         base = harness_scores(model, base_params, tokenizer, target + general, hcfg)
-        with open(cache, "w") as f:
-            json.dump(base, f, indent=1)
+        write_json_atomic(cache, base, indent=1)
     if os.path.isdir(os.path.join(run_dir, "adapter")):
         tuned = load_adapter(model.cfg, base_params, os.path.join(run_dir, "adapter"))
     elif os.path.isdir(os.path.join(run_dir, "hf")):
@@ -143,22 +149,19 @@ def evaluate_run_dir(run_dir: str, hcfg: dict | None = None) -> dict:
         )
     out = forgetting_keys(base, harness_scores(model, tuned, tokenizer, target + general, hcfg),
                           target, general)  # fmt: skip
-    with open(os.path.join(run_dir, "summary.json")) as f:
-        summary = json.load(f)
-    write_summary(run_dir, {**summary, **out})
-    with open(os.path.join(run_dir, "harness.json"), "w") as f:
-        json.dump(out, f, indent=2, sort_keys=True)
+    run.update_summary(out)
+    run.write_json("harness.json", out)  # last: its presence marks the run as scored
     return out
 
 
 def evaluate_sweep(workdir: str) -> list[str]:
     """Every completed, not yet scored run of the sweep (the runs the report
     reads); returns their names."""
-    from ftjax.report import load_runs
+    from ftjax.study import RunDir, load_runs
 
     done = []
     for run in load_runs(workdir):
-        if not os.path.exists(os.path.join(run["dir"], "harness.json")):
+        if not RunDir(run["dir"]).has("harness.json"):
             evaluate_run_dir(run["dir"])
             done.append(run["name"])
     return done

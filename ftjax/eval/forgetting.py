@@ -1,9 +1,11 @@
 """Forgetting as numbers: how a general eval set's metrics moved from the base
-model to the fine-tuned one.
+model to the fine-tuned one. `metric_change` is the only place in ftjax where
+a drop or an increase is computed; the study evaluation, the LLM harness and
+the report all use it (directly or through `forgetting`).
 
-Signs are chosen so that a positive number means "forgot": loss and perplexity
-report their increase, accuracies (token accuracy, multiple-choice `acc` /
-`acc_norm`, `exact_match`) their drop.
+Signs are chosen so that a positive number means "forgot": loss-like metrics
+report their increase (`loss_increase`), accuracy-like ones their drop
+(`exact_match_drop`).
 """
 
 from __future__ import annotations
@@ -12,15 +14,55 @@ from collections.abc import Mapping, Sequence
 
 import numpy as np
 
-# metric -> name of its change, and whether larger values are better.
-LOWER_IS_BETTER = {"loss": "loss_increase", "perplexity": "perplexity_increase"}
-HIGHER_IS_BETTER = {
-    "accuracy": "accuracy_drop",
-    "acc": "acc_drop",
-    "acc_norm": "acc_norm_drop",
-    "acc_per_token": "acc_per_token_drop",
-    "exact_match": "exact_match_drop",
-}
+# Metrics whose direction is known. A name with a suffix (the harness's
+# filters: `exact_match_strict-match`) takes the direction of its known prefix.
+LOWER_IS_BETTER = ("loss", "perplexity", "word_perplexity", "byte_perplexity", "bits_per_byte")
+HIGHER_IS_BETTER = (
+    "accuracy",
+    "token_accuracy",
+    "acc",
+    "acc_norm",
+    "acc_per_token",
+    "exact_match",
+    "score",  # a mean of accuracy-like scores (the harness's task groups)
+    "f1",
+    "bleu",
+    "mcc",
+)
+_BY_LENGTH = sorted(LOWER_IS_BETTER + HIGHER_IS_BETTER, key=len, reverse=True)
+
+
+def lower_is_better(metric: str) -> bool | None:
+    """True for loss-like metrics, False for accuracy-like ones, None when the
+    direction of `metric` is unknown.
+
+    >>> lower_is_better("loss"), lower_is_better("exact_match_strict-match"), lower_is_better("x")
+    (True, False, None)
+    """
+    for known in (metric, *(k for k in _BY_LENGTH if metric.startswith(k + "_"))):
+        if known in LOWER_IS_BETTER:
+            return True
+        if known in HIGHER_IS_BETTER:
+            return False
+    return None
+
+
+def metric_change(metric: str, before: float, after: float) -> tuple[str, float] | None:
+    """(name, value) of how `metric` moved from `before` to `after`, positive
+    when the model got worse: `<metric>_increase` for loss-like metrics,
+    `<metric>_drop` for accuracy-like ones; None for a metric whose direction
+    is unknown.
+
+    >>> metric_change("loss", 2.0, 2.5)
+    ('loss_increase', 0.5)
+    >>> metric_change("exact_match", 0.75, 0.5)
+    ('exact_match_drop', 0.25)
+    """
+    lower = lower_is_better(metric)
+    if lower is None:
+        return None
+    b, a = float(before), float(after)
+    return (f"{metric}_increase", a - b) if lower else (f"{metric}_drop", b - a)
 
 
 def forgetting(
@@ -28,15 +70,13 @@ def forgetting(
     after: Mapping[str, Mapping[str, float]],
     sets: Sequence[str] | None = None,
 ) -> dict:
-    """Per eval set, the change of each known metric from `before` to `after`,
-    plus the mean over sets under "mean". Both inputs map set name -> metrics
-    (as `evaluate_sets` returns them).
+    """Per eval set, the change of each metric of known direction from
+    `before` to `after`, plus the mean over sets under "mean". Both inputs map
+    set name -> metrics (as `evaluate_sets` returns them).
 
     >>> forgetting({"wiki": {"loss": 2.0, "accuracy": 0.40}},
-    ...            {"wiki": {"loss": 2.3, "accuracy": 0.35}})
-    {'wiki': {'loss_before': 2.0, 'loss_after': 2.3, 'loss_increase': 0.3,
-              'accuracy_before': 0.4, 'accuracy_after': 0.35, 'accuracy_drop': 0.05},
-     'mean': {'loss_increase': 0.3, 'accuracy_drop': 0.05}}
+    ...            {"wiki": {"loss": 2.25, "accuracy": 0.25}})
+    {'wiki': {'loss_before': 2.0, 'loss_after': 2.25, 'loss_increase': 0.25, 'accuracy_before': 0.4, 'accuracy_after': 0.25, 'accuracy_drop': 0.15000000000000002}, 'mean': {'accuracy_drop': 0.15000000000000002, 'loss_increase': 0.25}}
     """
     if sets is None:
         sets = [s for s in before if s in after]
@@ -52,17 +92,18 @@ def forgetting(
             if name not in metrics:
                 raise KeyError(f"eval set {name!r} is missing from the {side} metrics")
         row = {}
-        for metric in (*LOWER_IS_BETTER, *HIGHER_IS_BETTER):
-            if metric not in before[name] or metric not in after[name]:
+        for metric in before[name]:
+            if metric not in after[name]:
                 continue
-            b, a = float(before[name][metric]), float(after[name][metric])
-            change = a - b if metric in LOWER_IS_BETTER else b - a
-            label = LOWER_IS_BETTER.get(metric) or HIGHER_IS_BETTER[metric]
-            row.update({f"{metric}_before": b, f"{metric}_after": a, label: change})
+            change = metric_change(metric, before[name][metric], after[name][metric])
+            if change is None:
+                continue
+            row.update({f"{metric}_before": float(before[name][metric]),
+                        f"{metric}_after": float(after[name][metric]), change[0]: change[1]})  # fmt: skip
         if not row:
             raise ValueError(
                 f"eval set {name!r} has no metric that both sides report "
-                f"(known: {', '.join((*LOWER_IS_BETTER, *HIGHER_IS_BETTER))})"
+                f"(known: {', '.join(LOWER_IS_BETTER + HIGHER_IS_BETTER)})"
             )
         out[name] = row
     changes = sorted(

@@ -253,3 +253,51 @@ def generate_text(
     )
     texts = tokenizer.batch_decode(out.sequences(strip_stop=True), skip_special_tokens=True)
     return [truncate_at(t, stop_strings) for t in texts]
+
+
+def encode_prompts(tokenizer, prompts: Sequence[str], add_bos: bool = True) -> list[list[int]]:
+    """Prompt token ids exactly as the data pipeline builds them for training
+    (BOS added by hand when the tokenizer has one, no EOS): a mismatch here
+    would measure the tokenization, not the model."""
+    bos = [tokenizer.bos_token_id] if add_bos and tokenizer.bos_token_id is not None else []
+    return [bos + tokenizer.encode(p, add_special_tokens=False) for p in prompts]
+
+
+def generate_answers(
+    model,
+    params,
+    tokenizer,
+    prompts: Sequence[str],
+    *,
+    max_new_tokens: int,
+    batch_size: int = 64,
+    add_bos: bool = True,
+) -> list[str]:
+    """Greedy answers to `prompts`, decoded without special tokens, in batches
+    of `batch_size` that all share one shape (one prompt width; the last batch
+    filled up with repeats whose answers are dropped): one compiled program
+    per call, not per batch."""
+    stop = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    encoded = encode_prompts(tokenizer, prompts, add_bos)
+    if not encoded:
+        return []
+    width = max(len(p) for p in encoded)
+    rows = min(batch_size, len(encoded))
+    texts = []
+    for i in range(0, len(encoded), rows):
+        batch = encoded[i : i + rows]
+        real = len(batch)
+        batch = batch + [batch[0]] * (rows - real)
+        out = generate(
+            model,
+            params,
+            batch,
+            max_new_tokens=max_new_tokens,
+            stop_tokens=stop,
+            pad_id=pad,
+            min_prompt_width=width,
+        )
+        sequences = out.sequences(strip_stop=True)[:real]
+        texts += tokenizer.batch_decode(sequences, skip_special_tokens=True)
+    return texts

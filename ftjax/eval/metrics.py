@@ -25,6 +25,27 @@ import numpy as np
 REQUIRED_KEYS = ("input_ids", "targets", "loss_mask")
 # Model inputs passed through when a batch has them.
 MODEL_KEYS = ("attention_mask", "positions", "segment_ids")
+# A metric's name in flat summary keys (`<prefix>/<set>/<name>`): the token
+# accuracy is `token_accuracy` there, beside the exact match of generated answers.
+SUMMARY_NAMES = {
+    "loss": "loss",
+    "perplexity": "perplexity",
+    "accuracy": "token_accuracy",
+    "exact_match": "exact_match",
+}
+
+
+def perplexity(loss: float) -> float:
+    """exp(loss), the one perplexity of every report; inf where exp overflows
+    (a loss above ~709), not a made-up finite cap.
+
+    >>> perplexity(2.0)
+    7.38905609893065
+    """
+    try:
+        return math.exp(loss)
+    except OverflowError:
+        return float("inf")
 
 
 def token_log_probs(logits: jax.Array, targets: jax.Array) -> jax.Array:
@@ -69,14 +90,20 @@ def batch_sums(model, params, batch: Mapping) -> dict:
 
 
 def summarize(sums: Mapping[str, float], name: str = "eval set") -> dict:
-    """loss / perplexity / accuracy / tokens from accumulated sums."""
+    """loss / perplexity / accuracy / tokens from accumulated sums
+    (`loss_sum`, `correct_sum`, `weight_sum`): the one reduction of token sums
+    to metrics, for the training loop's evaluation and for this module's.
+
+    >>> summarize({"loss_sum": 20.0, "correct_sum": 5.0, "weight_sum": 10.0})
+    {'loss': 2.0, 'perplexity': 7.38905609893065, 'accuracy': 0.5, 'tokens': 10.0}
+    """
     tokens = float(sums["weight_sum"])
     if tokens <= 0:
         raise ValueError(f"{name} has no loss tokens (its loss_mask sums to 0)")
     loss = float(sums["loss_sum"]) / tokens
     return {
         "loss": loss,
-        "perplexity": math.exp(loss) if loss < 700 else float("inf"),
+        "perplexity": perplexity(loss),
         "accuracy": float(sums["correct_sum"]) / tokens,
         "tokens": tokens,
     }
@@ -116,3 +143,39 @@ def evaluate_sets(
         )
         for name, batches in named_batches.items()
     }
+
+
+def flatten_sets(
+    sets: Mapping[str, Mapping[str, float]], prefix: str, metrics: Iterable[str] | None = None
+) -> dict[str, float]:
+    """{set: {metric: value}} -> {"<prefix>/<set>/<summary name>": value}, for
+    the metrics named in `SUMMARY_NAMES` (those in `metrics` if given).
+
+    >>> flatten_sets({"target": {"loss": 1.5, "accuracy": 0.6, "tokens": 9.0}}, "final")
+    {'final/target/loss': 1.5, 'final/target/token_accuracy': 0.6}
+    """
+    keep = SUMMARY_NAMES if metrics is None else [m for m in SUMMARY_NAMES if m in metrics]
+    return {
+        f"{prefix}/{name}/{SUMMARY_NAMES[m]}": float(values[m])
+        for name, values in sets.items()
+        for m in keep
+        if m in values
+    }
+
+
+def unflatten_sets(flat: Mapping, prefix: str) -> dict[str, dict[str, float]]:
+    """The inverse of `flatten_sets`: {set: {metric: value}} from the
+    `<prefix>/<set>/<summary name>` keys of `flat` (other keys are ignored).
+
+    >>> unflatten_sets({"eval/target/loss": 1.5, "eval/target/token_accuracy": 0.6,
+    ...                 "eval/loss": 1.5, "lr": 0.1}, "eval")
+    {'target': {'loss': 1.5, 'accuracy': 0.6}}
+    """
+    metric_of = {v: k for k, v in SUMMARY_NAMES.items()}
+    out: dict[str, dict[str, float]] = {}
+    for key, value in flat.items():
+        head, _, rest = key.partition("/")
+        name, _, metric = rest.rpartition("/")
+        if head == prefix and name and metric in metric_of:
+            out.setdefault(name, {})[metric_of[metric]] = value
+    return out

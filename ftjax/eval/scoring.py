@@ -28,8 +28,8 @@ _PUNCT = str.maketrans("", "", string.punctuation)
 
 
 def normalize_answer(text: str) -> str:
-    """SQuAD-style normalization: lower case, no punctuation, no articles,
-    single spaces.
+    """SQuAD-style normalization, for free-form answers in natural language:
+    lower case, no punctuation, no articles, single spaces.
 
     >>> normalize_answer("  The  Eiffel-Tower! ")
     'eiffeltower'
@@ -38,17 +38,32 @@ def normalize_answer(text: str) -> str:
     return " ".join(_ARTICLES.sub(" ", text).split())
 
 
+def strip_whitespace(text: str) -> str:
+    """Surrounding whitespace removed, nothing else: the normalization of
+    answers that are exact strings (the synthetic suite's tasks, where case
+    and punctuation are part of the answer).
+
+    >>> strip_whitespace("  Abc. ")
+    'Abc.'
+    """
+    return text.strip()
+
+
 def exact_match_scores(
     predictions: Sequence[str],
     references: Sequence[str | Sequence[str]],
-    normalizer: Callable[[str], str] | None = normalize_answer,
+    *,
+    normalizer: Callable[[str], str] | None,
 ) -> list[bool]:
     """Per item: does the normalized prediction equal any normalized reference?
 
-    A reference may be one string or a list of acceptable answers;
-    `normalizer=None` compares the raw strings.
+    A reference may be one string or a list of acceptable answers. The
+    normalization is the caller's choice, always explicit: `normalize_answer`
+    for natural-language answers, `strip_whitespace` for exact-string tasks,
+    None to compare the raw strings.
 
-    >>> exact_match_scores(["Paris.", "4"], [["paris", "Paris, France"], "four"])
+    >>> exact_match_scores(["Paris.", "4"], [["paris", "Paris, France"], "four"],
+    ...                    normalizer=normalize_answer)
     [True, False]
     """
     if len(predictions) != len(references):
@@ -61,16 +76,42 @@ def exact_match_scores(
     return out
 
 
-def exact_match(predictions, references, normalizer=normalize_answer) -> float:
+def exact_match(predictions, references, *, normalizer: Callable[[str], str] | None) -> float:
     """Fraction of exact matches; see `exact_match_scores`.
 
-    >>> exact_match(["Paris.", "4"], ["paris", "four"])
+    >>> exact_match(["Paris.", "4"], ["paris", "four"], normalizer=normalize_answer)
+    0.5
+    >>> exact_match(["Paris.", "4 "], ["paris", "4"], normalizer=strip_whitespace)
     0.5
     """
-    scores = exact_match_scores(predictions, references, normalizer)
+    scores = exact_match_scores(predictions, references, normalizer=normalizer)
     if not scores:
         raise ValueError("exact_match of an empty list")
     return float(np.mean(scores))
+
+
+def exact_match_on(
+    model,
+    params,
+    tokenizer,
+    prompts: Sequence[str],
+    answers: Sequence[str],
+    *,
+    max_new_tokens: int,
+    batch_size: int = 64,
+    add_bos: bool = True,
+    normalizer: Callable[[str], str] | None = strip_whitespace,
+) -> float:
+    """Exact match of the model's greedy answers to `prompts` against
+    `answers` (`generate_answers`, then `exact_match`). The default
+    normalization is `strip_whitespace`, for exact-string tasks."""
+    from ftjax.eval.generate import generate_answers
+
+    outs = generate_answers(
+        model, params, tokenizer, list(prompts),
+        max_new_tokens=max_new_tokens, batch_size=batch_size, add_bos=add_bos,
+    )  # fmt: skip
+    return exact_match(outs, list(answers), normalizer=normalizer)
 
 
 # ----------------------------------------------------------------------------- log-likelihood

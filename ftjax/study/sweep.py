@@ -1,4 +1,5 @@
-"""Expand a study's sweep and run it: one run directory per override dict.
+"""Expand a study's sweep into runs: one run directory per override dict
+(`ftjax.study.runner` runs them).
 
 A study is a Python file with `get_config(arg=None)`, `get_sweep()` (a list of
 override dicts) and optionally `get_prerequisites()` (runs that must finish
@@ -17,16 +18,12 @@ from __future__ import annotations
 import dataclasses
 import importlib.util
 import itertools
-import json
 import os
 import re
-import sys
-import time
-from collections.abc import Callable
 
 import ml_collections
 
-from ftjax.errors import ConfigError, FtjaxError
+from ftjax.errors import ConfigError
 
 
 @dataclasses.dataclass
@@ -174,143 +171,3 @@ def expand(study, sweep_dir: str, study_arg: str = "") -> tuple[list[RunSpec], l
     if dup:
         raise ConfigError(f"sweep: duplicate run names {sorted(dup)}; give entries a 'name'")
     return prereqs, runs
-
-
-def is_finished(run_dir: str) -> bool:
-    path = os.path.join(run_dir, "summary.json")
-    if not os.path.exists(path):
-        return False
-    with open(path) as f:
-        return json.load(f).get("status") == "completed"
-
-
-def command_for(config_path: str, sweep_dir: str, name: str) -> str:
-    """The shell command that runs one entry on its own (scheduler arrays)."""
-    script = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "scripts", "sweep.py")
-    return (
-        f"python {os.path.normpath(script)} --config={config_path} --workdir={sweep_dir} "
-        f"--only={name}"
-    )
-
-
-class RunFailed(FtjaxError):
-    """A run's process exited non-zero; `log` is where its output went."""
-
-    def __init__(self, name: str, code: int, log: str = ""):
-        self.name, self.code, self.log = name, code, log
-        where = f" (log: {log})" if log else ""
-        super().__init__(f"run {name} failed with exit code {code}{where}")
-
-
-def usable_cpus() -> list[int] | None:
-    """The CPU ids this process may run on, or None where the OS cannot say."""
-    return sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None
-
-
-def core_groups(jobs: int) -> list[tuple[int, ...] | None]:
-    """This process's CPUs split into `jobs` disjoint groups, one per concurrent
-    run: runs pinned to their own cores do not fight over each other's threads
-    (XLA sizes its thread pool by the CPUs a process may use). [None] for one job."""
-    cpus = usable_cpus()
-    if jobs <= 1 or cpus is None or len(cpus) < jobs:
-        return [None] * max(jobs, 1)
-    return [tuple(cpus[i::jobs]) for i in range(jobs)]
-
-
-def run_sweep(
-    config_path: str,
-    sweep_dir: str,
-    run_one: Callable[..., dict],
-    only: str = "",
-    emit: str = "",
-    out=sys.stdout,
-    jobs: int = 1,
-) -> list[dict]:
-    """Runs (or, with emit="commands", prints) every run not yet finished.
-
-    `run_one(spec, run_dir, cores=None)` trains and evaluates one run and
-    returns its summary; interrupted runs resume from their checkpoints. With
-    `jobs` > 1 the prerequisites run first, one at a time on every core, then
-    the sweep's runs `jobs` at a time, each pinned to its share of the cores
-    (`run_one` gets the CPU ids); the first failure stops new runs from
-    starting and is raised once the running ones end."""
-    study = load_study(config_path)
-    study_arg = config_path.split(":", 1)[1] if ":" in config_path else ""
-    prereqs, runs = expand(study, sweep_dir, study_arg)
-    if emit == "commands":
-        # Prerequisites first: a scheduler runs the first line, then the array.
-        for spec in prereqs + runs:
-            print(command_for(config_path, sweep_dir, spec.name), file=out)
-        return []
-    if emit:
-        raise ConfigError(f"--emit={emit!r}; expected 'commands' or nothing")
-    if jobs < 1:
-        raise ConfigError(f"--jobs={jobs}; expected an int >= 1")
-    selected = prereqs + runs
-    if only:
-        selected = [s for s in selected if s.name == only]
-        if not selected:
-            names = ", ".join(s.name for s in prereqs + runs)
-            raise ConfigError(f"--only={only!r} names no run; runs: {names}")
-    os.makedirs(sweep_dir, exist_ok=True)
-    t0 = time.time()
-    total = len(selected)
-    summaries: dict[int, dict] = {}
-    pending = []
-    for i, spec in enumerate(selected, 1):
-        run_dir = os.path.join(sweep_dir, spec.name)
-        if is_finished(run_dir):
-            print(f"[run {i}/{total}] {spec.name}: finished, skipped", file=out, flush=True)
-            with open(os.path.join(run_dir, "summary.json")) as f:
-                summaries[i] = json.load(f)
-        else:
-            pending.append((i, spec, run_dir))
-    prereq_names = {s.name for s in prereqs}
-    # Prerequisites always run alone: the sweep's runs read what they write.
-    serial = [p for p in pending if jobs == 1 or p[1].name in prereq_names]
-    parallel = [p for p in pending if p not in serial]
-    for i, spec, run_dir in serial:
-        head = f"[run {i}/{total}] {spec.name}"
-        print(f"{head}: running in {run_dir} (sweep {time.time() - t0:.0f}s)", file=out, flush=True)
-        summaries[i] = run_one(spec, run_dir)
-    if parallel:
-        summaries.update(_run_parallel(parallel, run_one, jobs, total, t0, out))
-    print(f"sweep done: {total} runs in {time.time() - t0:.0f}s", file=out, flush=True)
-    return [summaries[i] for i in sorted(summaries)]
-
-
-def _run_parallel(pending, run_one, jobs, total, t0, out) -> dict[int, dict]:
-    """`jobs` runs at a time, each on its own group of cores (see run_sweep)."""
-    import concurrent.futures as cf
-
-    free = core_groups(jobs)
-    summaries, failure = {}, None
-    queue = list(pending)
-    with cf.ThreadPoolExecutor(max_workers=jobs) as pool:
-        running = {}
-        while queue or running:
-            while queue and free and failure is None:
-                i, spec, run_dir = queue.pop(0)
-                cores = free.pop(0)
-                on = f" on cores {','.join(map(str, cores))}" if cores else ""
-                print(f"[run {i}/{total}] {spec.name}: started{on} (sweep {time.time() - t0:.0f}s)",
-                      file=out, flush=True)  # fmt: skip
-                future = pool.submit(run_one, spec, run_dir, cores=cores)
-                running[future] = (i, spec, cores, time.time())
-            if not running:
-                break
-            done, _ = cf.wait(running, return_when=cf.FIRST_COMPLETED)
-            for future in done:
-                i, spec, cores, started = running.pop(future)
-                free.append(cores)
-                try:
-                    summaries[i] = future.result()
-                except RunFailed as e:
-                    failure = failure or e
-                    print(f"[run {i}/{total}] {spec.name}: FAILED ({e})", file=out, flush=True)
-                    continue
-                took = time.time() - started
-                print(f"[run {i}/{total}] {spec.name}: done in {took:.0f}s", file=out, flush=True)
-    if failure is not None:
-        raise failure
-    return summaries

@@ -1,53 +1,77 @@
-"""Aggregate run directories into `report.md` and PNG plots.
+"""Aggregate a sweep's run directories into `report.md` and PNG plots.
 
-Reads only files runs write (`config.json`, `summary.json`, `metrics.jsonl`);
-never imports a study. Summary keys it understands:
+Reads runs only through `ftjax.study.rundir.load_runs`; never imports a study
+and never recomputes a metric: every number in the report is a summary value
+a run stored (computed by `ftjax.eval`, see `ftjax.study.evaluate`),
+aggregated over seeds by `aggregate_values`. Summary keys it understands:
 
   final/<set>/<metric>, base/<set>/<metric>   after / before fine-tuning
-  forgetting/<set>/<metric>_drop              base minus final (accuracy-like)
+  forgetting/<set>/<metric>_drop|_increase    ftjax.eval.forgetting.metric_change
   analysis/energy_rank_90, analysis/intruders, analysis/relative_update_norm
   trainable_params, trainable_share, peak_rss_bytes, tokens_per_s, wall_time_s, lr
 
 Runs that differ only in `train.seed` are one row, shown as mean ± std.
+
+>>> report = build_report("runs/forgetting")   # markdown, rows, figures
+>>> write_report("runs/forgetting")            # writes report.md and the PNGs
+'runs/forgetting/report.md'
 """
 
 from __future__ import annotations
 
-import json
+import dataclasses
 import math
 import os
-import statistics
+from typing import NamedTuple
 
-import matplotlib
+from ftjax.errors import RunDirError
+from ftjax.eval.forgetting import metric_change
+from ftjax.study.rundir import load_runs, write_text_atomic
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
+# Two-sided 95% quantiles of Student's t by degrees of freedom; beyond the
+# table the next smaller entry (a slightly wider, conservative interval).
+_T95 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306,
+        9: 2.262, 10: 2.228, 12: 2.179, 15: 2.131, 20: 2.086, 30: 2.042, 60: 2.000,
+        120: 1.980}  # fmt: skip
 
 
-def load_runs(workdir: str) -> list[dict]:
-    runs = []
-    for name in sorted(os.listdir(workdir)):
-        run_dir = os.path.join(workdir, name)
-        summary_path = os.path.join(run_dir, "summary.json")
-        if not os.path.isfile(summary_path):
-            continue
-        with open(summary_path) as f:
-            summary = json.load(f)
-        if summary.get("status") != "completed" or summary.get("role") == "prerequisite":
-            continue
-        config = {}
-        if os.path.isfile(os.path.join(run_dir, "config.json")):
-            with open(os.path.join(run_dir, "config.json")) as f:
-                config = json.load(f)
-        curve = []
-        metrics_path = os.path.join(run_dir, "metrics.jsonl")
-        if os.path.isfile(metrics_path):
-            with open(metrics_path) as f:
-                curve = [json.loads(line) for line in f if line.strip()]
-        runs.append(
-            {"name": name, "dir": run_dir, "summary": summary, "config": config, "curve": curve}
-        )
-    return runs
+class Stat(NamedTuple):
+    """A value aggregated over a group's runs (seeds)."""
+
+    mean: float | None
+    std: float | None  # sample standard deviation (n - 1); 0.0 for one value
+    n: int
+    ci95: float | None  # half-width of the 95% t-interval of the mean; None below 2 values
+
+    def scaled(self, factor: float) -> Stat:
+        if self.mean is None:
+            return self
+        ci = None if self.ci95 is None else self.ci95 * factor
+        return Stat(self.mean * factor, self.std * factor, self.n, ci)
+
+
+def aggregate_values(values) -> Stat:
+    """Mean, sample std, count and 95% confidence half-width of the values
+    that are numbers (None and NaN are left out): the one aggregation behind
+    every number of the report.
+
+    >>> aggregate_values([1.0, 3.0, None, float("nan")])  # doctest: +ELLIPSIS
+    Stat(mean=2.0, std=1.4142135623730951, n=2, ci95=12.706...)
+    """
+    xs = [
+        float(v)
+        for v in values
+        if isinstance(v, (int, float)) and not isinstance(v, bool) and not math.isnan(v)
+    ]
+    if not xs:
+        return Stat(None, None, 0, None)
+    n = len(xs)
+    mean = math.fsum(xs) / n
+    if n == 1:
+        return Stat(mean, 0.0, 1, None)
+    std = math.sqrt(math.fsum((x - mean) ** 2 for x in xs) / (n - 1))
+    t = _T95[max(k for k in _T95 if k <= n - 1)]
+    return Stat(mean, std, n, t * std / math.sqrt(n))
 
 
 def method_label(summary: dict) -> str:
@@ -77,33 +101,34 @@ def group_key(run: dict) -> str:
     )
 
 
-def _stats(values):
-    values = [v for v in values if v is not None and not (isinstance(v, float) and math.isnan(v))]
-    if not values:
-        return None, None, 0
-    mean = statistics.fmean(values)
-    std = statistics.stdev(values) if len(values) > 1 else 0.0
-    return mean, std, len(values)
-
-
-def _fmt(mean, std, n, pct=False, digits=3):
-    if mean is None:
+def format_stat(stat: Stat, pct: bool = False, digits: int = 3) -> str:
+    """ "mean ± std" (std only over several runs); percentages with one decimal."""
+    if stat.mean is None:
         return "–"
-    scale = 100.0 if pct else 1.0
-    s = f"{mean * scale:.{digits}g}" if not pct else f"{mean * scale:.1f}"
-    if n > 1:
-        s += f" ± {std * scale:.{digits}g}" if not pct else f" ± {std * scale:.1f}"
-    return s
+    if pct:
+        s = f"{stat.mean * 100:.1f}"
+        return s + (f" ± {stat.std * 100:.1f}" if stat.n > 1 else "")
+    s = f"{stat.mean:.{digits}g}"
+    return s + (f" ± {stat.std:.{digits}g}" if stat.n > 1 else "")
+
+
+def forgetting_key(general: str, metric: str) -> str:
+    """The summary key of forgetting on `general` in `metric`, named as
+    `ftjax.eval.forgetting.metric_change` names it (`..._drop` / `..._increase`)."""
+    change = metric_change(metric, 0.0, 0.0)
+    return f"forgetting/{general}/{change[0] if change else metric + '_drop'}"
 
 
 def aggregate(runs: list[dict], target: str, general: str, metric: str) -> list[dict]:
+    """One row per group of runs (`group_key`), each value a `Stat`; sorted by
+    trainable parameters, most first."""
     groups: dict[str, list[dict]] = {}
     for r in runs:
         groups.setdefault(group_key(r), []).append(r)
     rows = []
     for key, members in groups.items():
         s = [m["summary"] for m in members]
-        get = lambda k, s=s: _stats([x.get(k) for x in s])
+        get = lambda k, s=s: aggregate_values([x.get(k) for x in s])
         rows.append(
             {
                 "key": key,
@@ -116,7 +141,7 @@ def aggregate(runs: list[dict], target: str, general: str, metric: str) -> list[
                 "target_base": get(f"base/{target}/{metric}"),
                 "general_before": get(f"base/{general}/{metric}"),
                 "general_after": get(f"final/{general}/{metric}"),
-                "forgetting": get(f"forgetting/{general}/{metric}_drop"),
+                "forgetting": get(forgetting_key(general, metric)),
                 "target_loss": get(f"final/{target}/loss"),
                 "general_loss_increase": get(f"forgetting/{general}/loss_increase"),
                 "memory": get("peak_rss_bytes"),
@@ -131,7 +156,7 @@ def aggregate(runs: list[dict], target: str, general: str, metric: str) -> list[
                 "members": members,
             }
         )
-    rows.sort(key=lambda r: -(r["trainable"][0] or 0))
+    rows.sort(key=lambda r: -(r["trainable"].mean or 0))
     return rows
 
 
@@ -150,20 +175,31 @@ def pareto_front(points: list[tuple[float, float]]) -> list[int]:
 
 
 # ----------------------------------------------------------------------------- plots
+# Each returns its matplotlib Figure (object-oriented API: no pyplot state, no
+# display backend), or None when there is nothing to plot; the caller saves it.
 
 
-def plot_learning_vs_forgetting(rows, path, metric):
-    pts = [(r["target"][0], r["forgetting"][0]) for r in rows]
+def _figure(**kwargs):
+    from matplotlib.figure import Figure
+
+    return Figure(**kwargs)
+
+
+def plot_learning_vs_forgetting(rows, metric):
+    """Target score against forgetting, one point per row (percent); the
+    Pareto front as stars joined by a dashed line."""
+    pts = [(r["target"].mean, r["forgetting"].mean) for r in rows]
     ok = [i for i, p in enumerate(pts) if None not in p]
     front = {ok[i] for i in pareto_front([pts[i] for i in ok])}
-    fig, ax = plt.subplots(figsize=(6, 4.5))
+    fig = _figure(figsize=(6, 4.5))
+    ax = fig.subplots()
     for i in ok:
         r = rows[i]
         ax.errorbar(
             pts[i][0] * 100,
             pts[i][1] * 100,
-            xerr=(r["target"][1] or 0) * 100,
-            yerr=(r["forgetting"][1] or 0) * 100,
+            xerr=(r["target"].std or 0) * 100,
+            yerr=(r["forgetting"].std or 0) * 100,
             fmt="*" if i in front else "o",
             ms=12 if i in front else 7,
             label=r["label"],
@@ -178,12 +214,13 @@ def plot_learning_vs_forgetting(rows, path, metric):
     ax.set_title("Learning vs forgetting (stars: Pareto front)")
     ax.legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    return fig
 
 
-def plot_curves(rows, path):
-    fig, ax = plt.subplots(figsize=(6, 4))
+def plot_curves(rows):
+    """Training loss against step, the first run of each row."""
+    fig = _figure(figsize=(6, 4))
+    ax = fig.subplots()
     for r in rows:
         run = r["members"][0]
         pts = [(c["step"], c["loss"]) for c in run["curve"] if "loss" in c]
@@ -195,18 +232,19 @@ def plot_curves(rows, path):
     ax.set_title("Training curves (first seed)")
     ax.legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    return fig
 
 
-def plot_target_vs_params(rows, path, metric):
-    fig, ax = plt.subplots(figsize=(6, 4))
+def plot_target_vs_params(rows, metric):
+    """Target score (percent) against trainable parameters, log scale."""
+    fig = _figure(figsize=(6, 4))
+    ax = fig.subplots()
     for r in rows:
-        if r["trainable"][0] and r["target"][0] is not None:
+        if r["trainable"].mean and r["target"].mean is not None:
             ax.errorbar(
-                r["trainable"][0],
-                r["target"][0] * 100,
-                yerr=(r["target"][1] or 0) * 100,
+                r["trainable"].mean,
+                r["target"].mean * 100,
+                yerr=(r["target"].std or 0) * 100,
                 fmt="o",
                 label=r["label"],
             )
@@ -215,26 +253,25 @@ def plot_target_vs_params(rows, path, metric):
     ax.set_ylabel(f"target {metric} (%)")
     ax.legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    return fig
 
 
-def plot_weight_analysis(rows, path):
-    have = [r for r in rows if r["energy_rank"][0] is not None]
+def plot_weight_analysis(rows):
+    """ΔW's rank at 90% energy and intruder dimensions per row, as bars."""
+    have = [r for r in rows if r["energy_rank"].mean is not None]
     if not have:
-        return False
-    fig, axes = plt.subplots(1, 2, figsize=(9, 3.8))
+        return None
+    fig = _figure(figsize=(9, 3.8))
+    axes = fig.subplots(1, 2)
     labels = [r["label"] for r in have]
-    axes[0].bar(labels, [r["energy_rank"][0] for r in have])
+    axes[0].bar(labels, [r["energy_rank"].mean for r in have])
     axes[0].set_title("rank of ΔW at 90% energy (mean)")
-    axes[1].bar(labels, [r["intruders"][0] or 0 for r in have])
+    axes[1].bar(labels, [r["intruders"].mean or 0 for r in have])
     axes[1].set_title("intruder dimensions (mean per matrix)")
     for ax in axes:
         ax.tick_params(axis="x", rotation=45, labelsize=7)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return True
+    return fig
 
 
 # ----------------------------------------------------------------------------- text
@@ -242,21 +279,21 @@ def plot_weight_analysis(rows, path):
 
 def findings(rows, metric) -> list[str]:
     """Sentences computed from the table; nothing here is hard-coded."""
-    ok = [r for r in rows if r["target"][0] is not None and r["forgetting"][0] is not None]
+    ok = [r for r in rows if r["target"].mean is not None and r["forgetting"].mean is not None]
     if not ok:
         return ["No run has both a target and a forgetting measurement yet."]
     out = []
-    best_learn = max(ok, key=lambda r: r["target"][0])
-    least_forget = min(ok, key=lambda r: r["forgetting"][0])
+    best_learn = max(ok, key=lambda r: r["target"].mean)
+    least_forget = min(ok, key=lambda r: r["forgetting"].mean)
     out.append(
         f"Highest target {metric}: **{best_learn['label']}** "
-        f"({best_learn['target'][0] * 100:.1f}%), forgetting "
-        f"{best_learn['forgetting'][0] * 100:.1f} points."
+        f"({best_learn['target'].mean * 100:.1f}%), forgetting "
+        f"{best_learn['forgetting'].mean * 100:.1f} points."
     )
     out.append(
         f"Least forgetting: **{least_forget['label']}** "
-        f"({least_forget['forgetting'][0] * 100:.1f} points), target {metric} "
-        f"{least_forget['target'][0] * 100:.1f}%."
+        f"({least_forget['forgetting'].mean * 100:.1f} points), target {metric} "
+        f"{least_forget['target'].mean * 100:.1f}%."
     )
     # The reference is plain full fine-tuning at its best target score, within
     # the same variant (e.g. the same label-noise rate) as the rows compared.
@@ -266,29 +303,29 @@ def findings(rows, metric) -> list[str]:
         same = [r for r in ok if r["members"][0]["summary"].get("variant", "") == variant]
         ref = sorted(
             (r for r in same if r["method"].get("name") == "full" and "replay" not in r["label"]),
-            key=lambda r: -r["target"][0],
+            key=lambda r: -r["target"].mean,
         )
         peft_rows = [r for r in same if r["method"].get("name") != "full"]
         if not ref or not peft_rows:
             continue
         full.append(ref[0])
         f = ref[0]
-        learned_less = sum(r["target"][0] < f["target"][0] for r in peft_rows)
-        forgot_less = sum(r["forgetting"][0] < f["forgetting"][0] for r in peft_rows)
+        learned_less = sum(r["target"].mean < f["target"].mean for r in peft_rows)
+        forgot_less = sum(r["forgetting"].mean < f["forgetting"].mean for r in peft_rows)
         where = f" ({variant})" if variant else ""
         out.append(
             f"Against full fine-tuning{where}, {learned_less} of {len(peft_rows)} PEFT "
             f"configurations learned less on the target and {forgot_less} of {len(peft_rows)} "
             "forgot less."
         )
-    front = pareto_front([(r["target"][0], r["forgetting"][0]) for r in ok])
+    front = pareto_front([(r["target"].mean, r["forgetting"].mean) for r in ok])
     out.append(
         "Pareto front (learning vs forgetting): " + ", ".join(ok[i]["label"] for i in front) + "."
     )
-    mem = [r for r in ok if r["state_memory"][0]]
-    if full and len(mem) > 1 and full[0]["state_memory"][0]:
-        lo = min(mem, key=lambda r: r["state_memory"][0])
-        ratio = lo["state_memory"][0] / full[0]["state_memory"][0]
+    mem = [r for r in ok if r["state_memory"].mean]
+    if full and len(mem) > 1 and full[0]["state_memory"].mean:
+        lo = min(mem, key=lambda r: r["state_memory"].mean)
+        ratio = lo["state_memory"].mean / full[0]["state_memory"].mean
         out.append(
             f"Smallest training state (weights + gradients + optimizer state): {lo['label']} at "
             f"{ratio:.2f}× full fine-tuning's."
@@ -312,50 +349,54 @@ def _sharing_note(runs: list[dict]) -> list[str]:
     ]
 
 
-def write_report(
-    workdir: str, target: str = "target", general: str = "general", metric: str = "exact_match"
-) -> str:
-    """Writes <workdir>/report.md and plots; returns the markdown path."""
-    runs = load_runs(workdir)
-    if not runs:
-        raise FileNotFoundError(f"{workdir}: no completed runs (summary.json) to report on")
-    rows = aggregate(runs, target, general, metric)
-    lines = [f"# Report: {os.path.basename(os.path.abspath(workdir))}", ""]
-    lines.append(
-        f"{len(runs)} runs in {len(rows)} configurations. Target set `{target}`, general set "
-        f"`{general}`, metric `{metric}` (mean ± std over seeds where there are several)."
-    )
-    lines += ["", "## Results", ""]
+def _results_table(rows) -> list[str]:
     header = (
         "| method | seeds | trainable params | share | target | general before | general after "
         "| forgetting | general loss Δ | train state (MB) | peak RSS (MB) | tokens/s | wall (s) | lr |"
     )
-    lines += [header, "|" + "---|" * 14]
+    lines = [header, "|" + "---|" * 14]
     for r in rows:
-        mem = r["memory"]
-        state = r["state_memory"]
-        lines.append(
-            "| "
-            + " | ".join(
-                [
-                    r["label"],
-                    str(r["seeds"]),
-                    f"{int(r['trainable'][0]):,}" if r["trainable"][0] else "–",
-                    f"{r['share'][0] * 100:.3g}%" if r["share"][0] is not None else "–",
-                    _fmt(*r["target"], pct=True),
-                    _fmt(*r["general_before"], pct=True),
-                    _fmt(*r["general_after"], pct=True),
-                    _fmt(*r["forgetting"], pct=True),
-                    _fmt(*r["general_loss_increase"]),
-                    _fmt(state[0] / 2**20 if state[0] else None, (state[1] or 0) / 2**20, state[2]),
-                    _fmt(mem[0] / 2**20 if mem[0] else None, (mem[1] or 0) / 2**20, mem[2]),
-                    _fmt(*r["tokens_per_s"], digits=4),
-                    _fmt(*r["wall"]),
-                    f"{r['lr']:g}" if r["lr"] else "–",
-                ]
-            )
-            + " |"
-        )
+        cells = [
+            r["label"],
+            str(r["seeds"]),
+            f"{int(r['trainable'].mean):,}" if r["trainable"].mean else "–",
+            f"{r['share'].mean * 100:.3g}%" if r["share"].mean is not None else "–",
+            format_stat(r["target"], pct=True),
+            format_stat(r["general_before"], pct=True),
+            format_stat(r["general_after"], pct=True),
+            format_stat(r["forgetting"], pct=True),
+            format_stat(r["general_loss_increase"]),
+            format_stat(r["state_memory"].scaled(2**-20)) if r["state_memory"].mean else "–",
+            format_stat(r["memory"].scaled(2**-20)) if r["memory"].mean else "–",
+            format_stat(r["tokens_per_s"], digits=4),
+            format_stat(r["wall"]),
+            f"{r['lr']:g}" if r["lr"] else "–",
+        ]
+        lines.append("| " + " | ".join(cells) + " |")
+    return lines
+
+
+@dataclasses.dataclass
+class Report:
+    markdown: str
+    rows: list[dict]  # `aggregate`'s rows
+    figures: dict  # PNG file name -> matplotlib Figure
+
+
+def build_report(
+    sweep_dir: str, target: str = "target", general: str = "general", metric: str = "exact_match"
+) -> Report:
+    """The report of a sweep directory's completed runs, not yet written."""
+    runs = load_runs(sweep_dir)
+    if not runs:
+        raise RunDirError(f"{sweep_dir}: no completed runs (summary.json) to report on")
+    rows = aggregate(runs, target, general, metric)
+    lines = [f"# Report: {os.path.basename(os.path.abspath(sweep_dir))}", ""]
+    lines.append(
+        f"{len(runs)} runs in {len(rows)} configurations. Target set `{target}`, general set "
+        f"`{general}`, metric `{metric}` (mean ± std over seeds where there are several)."
+    )
+    lines += ["", "## Results", ""] + _results_table(rows)
     lines += [
         "",
         "Target, general and forgetting are percentages (forgetting in points). Train state is "
@@ -370,30 +411,44 @@ def write_report(
         lines += ["## Further measurements", ""]
         lines += ["| method | " + " | ".join(k[6:] for k in extra_keys) + " |"]
         lines += ["|" + "---|" * (len(extra_keys) + 1)]
+        empty = Stat(None, None, 0, None)
         for r in rows:
-            cells = [_fmt(*r["extra"].get(k, (None, None, 0)), pct=True) for k in extra_keys]
+            cells = [format_stat(r["extra"].get(k, empty), pct=True) for k in extra_keys]
             lines.append(f"| {r['label']} | " + " | ".join(cells) + " |")
         lines += [""]
-    plot_learning_vs_forgetting(rows, os.path.join(workdir, "learning_vs_forgetting.png"), metric)
-    plot_curves(rows, os.path.join(workdir, "training_curves.png"))
-    plot_target_vs_params(rows, os.path.join(workdir, "target_vs_params.png"), metric)
+    figures = {
+        "learning_vs_forgetting.png": plot_learning_vs_forgetting(rows, metric),
+        "training_curves.png": plot_curves(rows),
+        "target_vs_params.png": plot_target_vs_params(rows, metric),
+    }
     lines += ["## Plots", "", "![learning vs forgetting](learning_vs_forgetting.png)", ""]
     lines += ["![training curves](training_curves.png)", ""]
     lines += ["![target vs trainable parameters](target_vs_params.png)", ""]
-    if plot_weight_analysis(rows, os.path.join(workdir, "weight_analysis.png")):
+    weights = plot_weight_analysis(rows)
+    if weights is not None:
+        figures["weight_analysis.png"] = weights
         lines += ["## What fine-tuning did to the weights", ""]
         lines += [
             "| method | ΔW rank @90% energy | intruder dims | ‖ΔW‖/‖W‖ |",
             "|---|---|---|---|",
         ]
         for r in rows:
-            if r["energy_rank"][0] is not None:
+            if r["energy_rank"].mean is not None:
                 lines.append(
-                    f"| {r['label']} | {_fmt(*r['energy_rank'])} | {_fmt(*r['intruders'])} "
-                    f"| {_fmt(*r['update_norm'])} |"
+                    f"| {r['label']} | {format_stat(r['energy_rank'])} | "
+                    f"{format_stat(r['intruders'])} | {format_stat(r['update_norm'])} |"
                 )
         lines += ["", "![weight analysis](weight_analysis.png)", ""]
-    path = os.path.join(workdir, "report.md")
-    with open(path, "w") as f:
-        f.write("\n".join(lines))
+    return Report("\n".join(lines), rows, figures)
+
+
+def write_report(
+    sweep_dir: str, target: str = "target", general: str = "general", metric: str = "exact_match"
+) -> str:
+    """Writes <sweep_dir>/report.md and its plots; returns the markdown path."""
+    report = build_report(sweep_dir, target, general, metric)
+    for name, fig in report.figures.items():
+        fig.savefig(os.path.join(sweep_dir, name), dpi=110)
+    path = os.path.join(sweep_dir, "report.md")
+    write_text_atomic(path, report.markdown)
     return path

@@ -1,0 +1,158 @@
+"""The report over hand-written run directories: the aggregation against
+numpy, each table cell and finding from the stored summaries, and each plot's
+content (plotted points, labels) read back from its matplotlib figure."""
+
+import statistics
+
+import matplotlib.image
+import numpy as np
+import pytest
+
+from ftjax.errors import RunDirError
+from ftjax.study import RunDir, aggregate_values, build_report, write_report
+from ftjax.study.report import forgetting_key, pareto_front
+
+GIB = 2**30
+
+
+def _summary(method, target, general_after, steps=10, **extra):
+    return {
+        "status": "completed",
+        "method": method,
+        "lr": 1e-3 if method["name"] == "full" else 3e-3,
+        "trainable_params": 1000 if method["name"] == "full" else 40,
+        "trainable_share": 1.0 if method["name"] == "full" else 0.04,
+        "train_state_bytes": 4 * GIB if method["name"] == "full" else GIB,
+        "peak_rss_bytes": 2 * GIB,
+        "tokens_per_s": 1234.5,
+        "wall_time_s": 12.0,
+        "steps": steps,
+        "base/general/exact_match": 0.9,
+        "base/target/exact_match": 0.0,
+        "final/target/exact_match": target,
+        "final/general/exact_match": general_after,
+        "forgetting/general/exact_match_drop": 0.9 - general_after,
+        "forgetting/general/loss_increase": 2 * (0.9 - general_after),
+        "final/target/loss": 1.0 - target,
+        "analysis/energy_rank_90": 8.0 if method["name"] == "full" else 3.0,
+        "analysis/intruders": 1.0,
+        "analysis/relative_update_norm": 0.1,
+        **extra,
+    }
+
+
+@pytest.fixture()
+def sweep(tmp_path):
+    full = {"name": "full"}
+    lora = {"name": "lora", "rank": 4, "targets": "all-linear"}
+    runs = {
+        "full,seed=0": _summary(full, 1.0, 0.2),
+        "full,seed=1": _summary(full, 0.8, 0.3),
+        "lora,seed=0": _summary(lora, 0.6, 0.7, **{"extra/memorized_wrong": 0.25}),
+        "base": {"status": "completed", "role": "prerequisite"},
+        "unfinished": {"status": "preempted"},
+    }
+    for name, summary in runs.items():
+        run = RunDir(tmp_path / name)
+        run.append_metrics({"step": s, "loss": 4.0 / s} for s in range(1, 4))
+        run.write_summary(summary)
+    return tmp_path
+
+
+def test_aggregate_values_against_statistics():
+    values = [0.5, 0.25, 0.75, None, float("nan")]
+    s = aggregate_values(values)
+    xs = [0.5, 0.25, 0.75]
+    assert s.n == 3 and s.mean == pytest.approx(statistics.fmean(xs))
+    assert s.std == pytest.approx(statistics.stdev(xs))
+    assert s.ci95 == pytest.approx(4.303 * statistics.stdev(xs) / np.sqrt(3))  # t(0.975, df=2)
+    one = aggregate_values([2.0])
+    assert (one.mean, one.std, one.n, one.ci95) == (2.0, 0.0, 1, None)
+    assert aggregate_values([None]).mean is None and aggregate_values([]).n == 0
+    assert aggregate_values([True, "x", 1]).n == 1  # only numbers count
+
+
+def test_forgetting_key_follows_the_metric_direction():
+    assert forgetting_key("general", "exact_match") == "forgetting/general/exact_match_drop"
+    assert forgetting_key("general", "loss") == "forgetting/general/loss_increase"
+    assert forgetting_key("harness_general", "score") == "forgetting/harness_general/score_drop"
+
+
+def test_table_and_findings_come_from_the_summaries(sweep):
+    report = build_report(str(sweep))
+    md = report.markdown
+    assert "3 runs in 2 configurations" in md  # base and the unfinished run left out
+    full = next(r for r in report.rows if r["label"] == "full")
+    assert full["seeds"] == 2 and full["target"].mean == pytest.approx(0.9)
+    std = statistics.stdev([1.0, 0.8])
+    row = next(line for line in md.splitlines() if line.startswith("| full |"))
+    cells = [c.strip() for c in row.strip("|").split("|")]
+    assert cells[:4] == ["full", "2", "1,000", "100%"]
+    assert cells[4] == f"{90.0:.1f} ± {std * 100:.1f}"  # target
+    assert cells[5] == "90.0 ± 0.0" and cells[6] == "25.0 ± 7.1"  # general before / after
+    assert cells[7] == "65.0 ± 7.1"  # forgetting
+    assert cells[9] == "4.1e+03 ± 0" and cells[13] == "0.001"  # train state (MB), lr
+    lora_row = next(line for line in md.splitlines() if line.startswith("| lora r=4 all-linear |"))
+    assert "| 60.0 |" in lora_row and "| 20.0 |" in lora_row  # one seed: no ± part
+    assert "Highest target exact_match: **full** (90.0%), forgetting 65.0 points." in md
+    assert "Least forgetting: **lora r=4 all-linear** (20.0 points)" in md
+    assert "1 of 1 PEFT configurations learned less on the target and 1 of 1 forgot less" in md
+    assert "lora r=4 all-linear at 0.25× full fine-tuning's" in md
+    # Further measurements: a run without the key shows "–".
+    assert "| full | – |" in md and "| lora r=4 all-linear | 25.0 |" in md
+
+
+def _points(container):
+    """The (x, y) points of an errorbar plot, flattened for pytest.approx."""
+    return container.lines[0].get_xydata().ravel().tolist()
+
+
+def test_plots_show_the_table_values(sweep):
+    report = build_report(str(sweep))
+    rows = {r["label"]: r for r in report.rows}
+    ax = report.figures["learning_vs_forgetting.png"].axes[0]
+    assert ax.get_xlabel() == "target exact_match after fine-tuning (%)"
+    assert ax.get_ylabel() == "forgetting: drop in general exact_match (points)"
+    plotted = {c.get_label(): _points(c) for c in ax.containers}
+    assert plotted["full"] == pytest.approx([90.0, 65.0])
+    assert plotted["lora r=4 all-linear"] == pytest.approx([60.0, 20.0])
+    # Both points are on the Pareto front: the dashed line joins them, by target.
+    front = [line for line in ax.lines if line.get_label() == "Pareto front"]
+    assert front[0].get_xydata().ravel().tolist() == pytest.approx([60, 20, 90, 65])
+
+    ax = report.figures["training_curves.png"].axes[0]
+    assert (ax.get_xlabel(), ax.get_ylabel(), ax.get_yscale()) == ("step", "train loss", "log")
+    curves = {line.get_label(): line.get_xydata().ravel().tolist() for line in ax.lines}
+    assert curves["full"] == pytest.approx([1, 4.0, 2, 2.0, 3, 4.0 / 3])
+
+    ax = report.figures["target_vs_params.png"].axes[0]
+    assert ax.get_xscale() == "log" and ax.get_ylabel() == "target exact_match (%)"
+    plotted = {c.get_label(): _points(c) for c in ax.containers}
+    assert plotted["full"] == pytest.approx([1000, 90.0])
+    assert plotted["lora r=4 all-linear"] == pytest.approx([40, 60.0])
+
+    ranks, intruders = report.figures["weight_analysis.png"].axes
+    heights = [p.get_height() for p in ranks.patches]
+    assert heights == [
+        rows["full"]["energy_rank"].mean,
+        rows["lora r=4 all-linear"]["energy_rank"].mean,
+    ]
+    assert [t.get_text() for t in ranks.get_xticklabels()] == ["full", "lora r=4 all-linear"]
+    assert [p.get_height() for p in intruders.patches] == [1.0, 1.0]
+
+
+def test_write_report_saves_what_it_built(sweep, tmp_path):
+    path = write_report(str(sweep))
+    assert open(path).read() == build_report(str(sweep)).markdown
+    for name in ("learning_vs_forgetting.png", "training_curves.png", "target_vs_params.png",
+                 "weight_analysis.png"):  # fmt: skip
+        image = matplotlib.image.imread(str(sweep / name))
+        assert image.shape[0] > 100 and image.shape[1] > 100
+        assert np.ptp(image[..., :3]) > 0.5, name  # not a blank canvas
+    with pytest.raises(RunDirError, match=r"no completed runs"):
+        build_report(str(tmp_path / "unfinished"))
+
+
+def test_pareto_front():
+    pts = [(0.9, 0.6), (0.6, 0.2), (0.5, 0.3), (0.9, 0.7)]
+    assert pareto_front(pts) == [0, 1]
