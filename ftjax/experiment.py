@@ -24,48 +24,6 @@ from ftjax.study.evaluate import (
 )
 from ftjax.train import default_config
 
-# Per-method defaults that differ from full fine-tuning. Everything else about
-# the runs (tokens, steps, schedule) stays matched across an ablation.
-METHOD_PRESETS = {
-    "full": {"method": {"name": "full"}, "lr_scale": 1.0},
-    "lora": {
-        "method": {"name": "lora", "rank": 16, "alpha": 32, "targets": "all-linear"},
-        "lr_scale": 10.0,
-    },
-    "dora": {
-        "method": {"name": "dora", "rank": 16, "alpha": 32, "targets": "all-linear"},
-        "lr_scale": 10.0,
-    },
-    "qlora": {
-        "method": {"name": "qlora", "rank": 16, "alpha": 32, "targets": "all-linear"},
-        "lr_scale": 10.0,
-    },
-    "pissa": {
-        "method": {
-            "name": "lora",
-            "rank": 16,
-            "alpha": 16,
-            "init": "pissa",
-            "targets": "all-linear",
-        },
-        "lr_scale": 2.0,
-    },
-    "bitfit": {"method": {"name": "bitfit"}, "lr_scale": 10.0},
-    "freeze": {"method": {"name": "freeze", "last_layers": 1}, "lr_scale": 1.0},
-}
-# Keys of `arg` that are method options (converted to the option's type).
-_METHOD_OPTION_TYPES = {
-    "rank": int,
-    "alpha": float,
-    "dropout": float,
-    "rslora": lambda s: s.lower() in ("1", "true", "yes"),
-    "init": str,
-    "targets": str,
-    "last_layers": int,
-    "trainable": str,
-    "compute": str,
-}
-
 
 def parse_arg(arg: str | None) -> dict[str, str]:
     """ "method=lora,rank=16" -> {"method": "lora", "rank": "16"}."""
@@ -82,27 +40,33 @@ def parse_arg(arg: str | None) -> dict[str, str]:
 
 
 def with_method(cfg: ml_collections.ConfigDict, name: str, options: dict | None = None):
-    """Rewrites every field a method touches: the method section and the
-    learning rate (PEFT methods train at a higher lr, as in their papers)."""
-    if name not in METHOD_PRESETS:
-        raise ConfigError(f"method={name!r}; expected one of {', '.join(METHOD_PRESETS)}")
-    preset = METHOD_PRESETS[name]
-    method = dict(preset["method"])
-    for k, v in (options or {}).items():
-        if k not in _METHOD_OPTION_TYPES:
-            raise ConfigError(
-                f"config arg {k}={v!r}: not a method option; options: {', '.join(_METHOD_OPTION_TYPES)}"
-            )
-        method[k] = _METHOD_OPTION_TYPES[k](v) if isinstance(v, str) else v
+    """Rewrites every field a method touches: the method section (the study
+    preset of `name` in the method registry, then `options`) and the learning
+    rate (PEFT methods train at a higher lr, as in their papers). The method
+    config is validated here, before any model or data is loaded."""
+    from ftjax.peft import registry
+
+    preset = registry.preset(name)
+    method = {
+        "name": preset.method,
+        **preset.options,
+        **registry.parse_options(preset.method, options or {}),
+    }
+    registry.resolve_config(method)
     cfg.method = ml_collections.ConfigDict(method)
-    cfg.optim.lr = float(cfg.optim.lr) * preset["lr_scale"]
+    cfg.optim.lr = float(cfg.optim.lr) * preset.lr_scale
     return cfg
 
 
 def split_method_options(args: dict) -> tuple[dict, dict]:
-    """(method options, remaining args) of a parsed `arg`."""
-    method = {k: v for k, v in args.items() if k in _METHOD_OPTION_TYPES}
-    rest = {k: v for k, v in args.items() if k not in _METHOD_OPTION_TYPES}
+    """(method options, remaining args) of a parsed `arg`: a key is a method
+    option when some registered method has an option of that name (the chosen
+    method then checks it is one of its own)."""
+    from ftjax.peft import registry
+
+    names = {o for m in registry.known_methods() for o in registry.get(m).options}
+    method = {k: v for k, v in args.items() if k in names}
+    rest = {k: v for k, v in args.items() if k not in names}
     return method, rest
 
 

@@ -154,7 +154,7 @@ def get(name: str) -> MethodSpec:
 def preset(name: str) -> Preset:
     _load_builtin()
     if name not in _PRESETS:
-        raise UnknownMethodError(f"method={name!r}; expected one of {', '.join(_PRESETS)}")
+        raise UnknownMethodError(f"method={name!r}; expected one of {', '.join(sorted(_PRESETS))}")
     return _PRESETS[name]
 
 

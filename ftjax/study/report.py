@@ -75,22 +75,10 @@ def aggregate_values(values) -> Stat:
 
 
 def method_label(summary: dict) -> str:
-    m = summary.get("method", {})
-    name = m.get("name", "?")
-    parts = [name]
-    if "rank" in m and name not in ("full", "bitfit", "freeze"):
-        parts.append(f"r={m['rank']}")
-    if m.get("targets") and name not in ("full", "bitfit", "freeze"):
-        parts.append(str(m["targets"]))
-    if m.get("init") not in (None, "kaiming"):
-        parts.append(f"init={m['init']}")
-    if m.get("rslora"):
-        parts.append("rslora")
-    if name == "freeze":
-        parts.append(
-            f"last {m['last_layers']}" if m.get("last_layers") else str(m.get("trainable"))
-        )
-    return " ".join(parts)
+    """The run's method as the registry names it (`lora r=16 all-linear`)."""
+    from ftjax.peft import registry
+
+    return registry.label(summary.get("method", {}))
 
 
 def group_key(run: dict) -> str:
