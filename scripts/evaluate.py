@@ -26,25 +26,27 @@ flags.mark_flags_as_required(["workdir"])
 def main(argv):
     del argv
     from ftjax.data import build_pipeline
-    from ftjax.experiment import default_eval_config, evaluate_run
+    from ftjax.study import RunDir, default_eval_config, evaluate_run, write_json_atomic
     from ftjax.train.loop import RunResult
-    from ftjax.train.restore import load_run_config, restore_run
+    from ftjax.train.restore import load_base_model, load_run_config, restore_run
 
     cfg = load_run_config(_WORKDIR.value)
     if "eval" not in cfg:
         cfg.eval = default_eval_config()
-    model, params, base, step = restore_run(cfg, _WORKDIR.value, _CHECKPOINT.value)
-    if _BASE_ONLY.value:
-        params = base
+    if _BASE_ONLY.value:  # the base comes from the config: no checkpoint needed
+        model, base = load_base_model(cfg)
+        params, step = base, None
         cfg.eval.analysis = False
+    else:
+        model, params, base, step = restore_run(cfg, _WORKDIR.value, _CHECKPOINT.value)
     pipeline = build_pipeline(cfg.data)
     out_dir = os.path.dirname(_OUT.value) if _OUT.value else _WORKDIR.value
     result = RunResult({"checkpoint_step": step}, model, params, base, pipeline)
-    metrics = evaluate_run(result, cfg, out_dir or ".", update_summary=False)
-    metrics = {"checkpoint_step": None if _BASE_ONLY.value else step, **metrics}
-    path = _OUT.value or os.path.join(_WORKDIR.value, "eval.json")
-    with open(path, "w") as f:
-        json.dump(metrics, f, indent=2, sort_keys=True)
+    metrics = evaluate_run(result, cfg, out_dir or ".", update_summary=False,
+                           extra={"checkpoint_step": step})  # fmt: skip
+    path = _OUT.value or RunDir(_WORKDIR.value).file("eval.json")
+    if os.path.basename(path) != "eval.json":  # evaluate_run wrote <out_dir>/eval.json
+        write_json_atomic(path, metrics)
     shown = {k: round(v, 4) for k, v in metrics.items() if isinstance(v, float) and "/" in k}
     print(json.dumps(shown, indent=1))
     print(f"eval: {path}")

@@ -24,20 +24,22 @@ def main(argv):
     del argv
     from ftjax import peft
     from ftjax.models import save_pretrained
+    from ftjax.peft import registry
     from ftjax.train.restore import load_run_config, restore_run
 
     cfg = load_run_config(_WORKDIR.value)
-    model, params, _, step = restore_run(cfg, _WORKDIR.value, _CHECKPOINT.value)
+    model, params, base_params, step = restore_run(cfg, _WORKDIR.value, _CHECKPOINT.value)
     hf_dir = os.path.join(_OUT.value, "hf")
     save_pretrained(model, peft.merge(params), hf_dir, dtype=_DTYPE.value or None)
     print(f"merged weights (step {step}): {hf_dir}")
-    if peft.has_adapters(params) and cfg.method.name in ("lora", "dora"):
-        if cfg.method.get("init") == "pissa":
-            print("PiSSA adapter: export the merged weights, or convert with peft.pissa_to_lora")
-        else:
-            adapter_dir = os.path.join(_OUT.value, "adapter")
-            peft.save_adapter(model.cfg, params, adapter_dir, method=cfg.method)
-            print(f"HF PEFT adapter: {adapter_dir}")
+    spec = registry.get(cfg.method.name)
+    if spec.export is None:
+        print(f"no HF PEFT adapter: {spec.no_export}")
+    elif peft.has_adapters(params):
+        adapter_dir = os.path.join(_OUT.value, "adapter")
+        method = registry.resolve_config(cfg.method)
+        spec.export(model.cfg, params, adapter_dir, method, initial=base_params)
+        print(f"HF PEFT adapter: {adapter_dir}")
 
 
 if __name__ == "__main__":

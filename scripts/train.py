@@ -4,7 +4,9 @@
         --workdir=runs/lora --config.optim.lr=3e-4
 
 A --workdir that already holds a checkpoint resumes from it. Exits non-zero
-with one line on bad input.
+with one line on bad input. SIGTERM saves a checkpoint and exits 0 (a
+preempted run, resumed by the same command); Ctrl-C does the same and exits
+130; a second Ctrl-C aborts at once.
 """
 
 import os
@@ -25,9 +27,20 @@ def main(argv):
     del argv
     from ftjax.train import train
 
-    result = train(_CONFIG.value, _WORKDIR.value)
-    if result.summary.get("status") == "completed":
+    try:
+        result = train(_CONFIG.value, _WORKDIR.value)
+    except KeyboardInterrupt:
+        print("interrupted: nothing saved for the current step; the same command resumes "
+              "from the last checkpoint", file=sys.stderr)  # fmt: skip
+        sys.exit(130)
+    summary = result.summary
+    if summary.get("status") == "completed":
         print(f"done: summary in {os.path.join(_WORKDIR.value, 'summary.json')}")
+    else:
+        print(f"stopped by {summary['signal']} at step {summary['step']}: checkpoint saved; "
+              "the same command resumes the run")  # fmt: skip
+        if summary["status"] == "interrupted":
+            sys.exit(130)
 
 
 if __name__ == "__main__":

@@ -1,8 +1,9 @@
 """HF PEFT interop against PyTorch `peft` itself: adapters written by ftjax
 load with `PeftModel.from_pretrained` and give the same logits (before and
 after `merge_and_unload`), adapters made by `peft` import into ftjax with the
-same logits, PiSSA exports after conversion, and the writer refuses the two
-mismatches PEFT would accept silently."""
+same logits, and the writer refuses the two mismatches PEFT would accept
+silently. PiSSA exports: test_peft_interop_pissa.py; the config allow-list:
+test_peft_interop_config.py."""
 
 import json
 import os
@@ -131,28 +132,6 @@ def test_peft_adapter_imports_into_ftjax(checkpoints, loaded, tmp_path, family, 
     assert set(rewritten) == set(tensors)
     for key, value in tensors.items():
         np.testing.assert_array_equal(rewritten[key], np.asarray(value))
-
-
-def test_pissa_exports_as_plain_lora_after_conversion(checkpoints, loaded, tmp_path):
-    model, base, logits = loaded["llama2"]
-    method = peft.build_method({"name": "lora", "rank": 4, "alpha": 8, "init": "pissa"})
-    initial = jax.jit(method.apply)(base, jax.random.key(0))
-    trained = perturb(initial)
-    ours = np.asarray(logits(trained))
-    converted = peft.pissa_to_lora(trained, initial)
-    leaf = converted["model"]["layers_0"]["self_attn"]["q_proj"]["kernel"]
-    assert leaf.rank == 8  # [a, a0] and [b; -b0]
-    np.testing.assert_allclose(
-        np.asarray(leaf.w),
-        np.asarray(base["model"]["layers_0"]["self_attn"]["q_proj"]["kernel"]),
-        atol=1e-5,
-    )
-    np.testing.assert_allclose(np.asarray(logits(converted)), ours, atol=1e-5)
-    peft.save_adapter(model.cfg, converted, str(tmp_path))
-    peft_model = torch_peft.PeftModel.from_pretrained(
-        torch_base(checkpoints["llama2"]), str(tmp_path)
-    )
-    np.testing.assert_allclose(torch_logits(peft_model, IDS), ours, atol=TOL)
 
 
 def test_writer_refuses_what_peft_would_silently_accept(tmp_path):

@@ -1,5 +1,6 @@
 """LoRA leaves and the lora method on a tiny Llama, against closed forms and
-float64 numpy: identity at init, PiSSA's reconstruction, factored == merged,
+float64 numpy: identity at init, PiSSA's reconstruction and its marker and
+conversion to plain LoRA, factored == merged,
 merge == adapted forward, scan == no scan, and gradients/optimizer state that
 exist only for the adapter."""
 
@@ -12,6 +13,7 @@ import pytest
 
 from ftjax import peft
 from ftjax.models import ModelConfig, build_model, layers, stack_layers
+from ftjax.peft import lora
 
 CFG = ModelConfig(
     model_type="llama",
@@ -115,6 +117,42 @@ def test_pissa_reconstructs_the_base(base):
     np.testing.assert_allclose(np.asarray(leaf.w, np.float64), w - top, atol=1e-5)
     a = np.asarray(leaf.a, np.float64)
     np.testing.assert_allclose(a.T @ a, np.diag(s[:4] / leaf.scale), atol=1e-5)
+
+
+def test_pissa_marker_and_conversion_to_plain_lora(base):
+    _, apply, params, _ = base
+    config = {"name": "lora", "rank": 4, "alpha": 8, "init": "pissa", "targets": "qv"}
+    method = peft.build_method(config)
+    initial = method.apply(params, jax.random.key(1))
+    trained = randomize_b(initial)
+    leaf = trained["model"]["layers_0"]["self_attn"]["q_proj"]["kernel"]
+    assert leaf.init == "pissa" and leaf.rewrites_base
+    kaiming = peft.build_method({**config, "init": "kaiming"}).apply(params, jax.random.key(1))
+    assert kaiming["model"]["layers_0"]["self_attn"]["q_proj"]["kernel"].init is None
+    # The marker is static: it survives split/combine, jit, stacking and scan slicing.
+    t, f = method.split(trained)
+    for tree in (t, f, peft.combine(t, f), jax.jit(lambda p: p)(trained)):
+        assert tree["model"]["layers_0"]["self_attn"]["q_proj"]["kernel"].init == "pissa"
+    stacked = stack_layers(CFG, trained)["model"]["layers"]["self_attn"]["q_proj"]["kernel"]
+    assert stacked.init == "pissa"
+    with pytest.raises(peft.PeftError, match="LoraWeight.init"):
+        peft.LoraWeight(leaf.w, leaf.a, leaf.b, init="olora")
+    # [a, a0] @ [b; -b0] over W, from the initial leaf or from W itself.
+    w = params["model"]["layers_0"]["self_attn"]["q_proj"]["kernel"]
+    start = initial["model"]["layers_0"]["self_attn"]["q_proj"]["kernel"]
+    for source in (start, w):
+        plain = lora.pissa_to_lora_leaf(leaf, source)
+        assert plain.init is None and plain.rank == 8 and plain.scale == leaf.scale
+        np.testing.assert_allclose(np.asarray(plain.w), np.asarray(w), atol=1e-6)
+        np.testing.assert_allclose(
+            np.asarray(plain.materialize(), np.float64),
+            np.asarray(leaf.materialize(), np.float64),
+            atol=1e-5,
+        )
+    with pytest.raises(peft.PeftError, match="not a PiSSA leaf"):
+        lora.pissa_to_lora_leaf(plain, w)
+    converted = peft.pissa_to_lora(trained, params)
+    np.testing.assert_allclose(np.asarray(apply(converted)), np.asarray(apply(trained)), atol=1e-5)
 
 
 def test_factored_equals_merged_and_merge_equals_adapted(base):

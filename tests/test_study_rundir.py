@@ -16,8 +16,8 @@ import numpy as np
 import pytest
 
 from ftjax.errors import RunDirError
+from ftjax.rundir import json_default
 from ftjax.study import RunDir, is_finished, load_runs
-from ftjax.study.rundir import json_default
 
 RUNDIR_PY = os.path.join(
     os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "ftjax", "study", "rundir.py"

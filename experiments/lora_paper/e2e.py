@@ -162,7 +162,9 @@ def get_config(arg=None):
     with_method(cfg, "lora", dict(rank=PAPER["rank"], alpha=PAPER["alpha"],
                                   dropout=PAPER["dropout"], targets="qv"))  # fmt: skip
     cfg.optim.update(name="adamw", lr=PAPER["lr"], weight_decay=PAPER["weight_decay"],
-                     schedule="linear", warmup_steps=PAPER["warmup_steps"], end_lr_fraction=0.0,
+                     schedule="linear", end_lr_fraction=0.0,
+                     # A short smoke run (steps=N below the paper's warm-up) warms up for all of it.
+                     warmup_steps=min(PAPER["warmup_steps"], steps),
                      b1=0.9, b2=0.999, clip_norm=0.0)  # fmt: skip
     cfg.train.update(steps=steps, label_smoothing=PAPER["label_smoothing"], log_every=100,
                      checkpoint_every=1000, keep=2)  # fmt: skip

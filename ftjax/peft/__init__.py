@@ -13,6 +13,7 @@ from ftjax.peft.dora import DoraWeight, column_norm, from_lora, init_dora
 from ftjax.peft.lora import LoraWeight, init_lora, lora_scale, pissa_factors
 from ftjax.peft.methods import DEFAULTS, Method, build_method, known_methods
 from ftjax.peft.peft_format import (
+    export_adapter,
     load_adapter,
     pissa_to_lora,
     read_adapter,
@@ -51,6 +52,7 @@ __all__ = [
     "combine",
     "count",
     "dequantize_nf4",
+    "export_adapter",
     "from_lora",
     "has_adapters",
     "build_method",

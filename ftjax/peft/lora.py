@@ -25,6 +25,10 @@ kaiming_uniform(a=sqrt(5)) gives), `gaussian` (a ~ N(0, 1/r^2)), both with
 `b = 0` so the adapted model equals the base model exactly at step 0; and
 `pissa`, which takes `a`, `b` from the top-r singular directions of `w`
 scaled by `sqrt(S / scale)` and leaves the residual `w - scale * a @ b` frozen.
+A PiSSA leaf records that in its static field `init="pissa"`: its `w` is not
+the model's kernel, so an adapter file holding only `a`, `b` would be applied
+to the wrong base; `pissa_to_lora_leaf` rewrites it as a plain LoRA over the
+original kernel (`init=None`).
 """
 
 from __future__ import annotations
@@ -43,6 +47,8 @@ COMPUTE_MODES = ("auto", "factored", "merged", "hybrid")
 # Modes whose forward uses the merged kernel: no separate low-rank input, so no dropout.
 MERGED_MODES = ("merged", "hybrid")
 INITS = ("kaiming", "gaussian", "pissa")
+# Inits that rewrite the frozen kernel: a leaf made by one is not "base + a @ b".
+BASE_REWRITING_INITS = ("pissa",)
 
 
 def dropout(x, rate: float, rng):
@@ -73,11 +79,26 @@ class LoraWeight(WeightLeaf):
 
     children = ("w", "a", "b")
     trainable_children = ("a", "b")
-    static = ("scale", "dropout", "compute")
+    static = ("scale", "dropout", "compute", "init")
+    # The default for subclasses whose `static` predates the field.
+    init = None
 
-    def __init__(self, w, a, b, scale: float = 1.0, dropout: float = 0.0, compute="auto"):
+    def __init__(
+        self, w, a, b, scale: float = 1.0, dropout: float = 0.0, compute="auto", init=None
+    ):
         check_compute(compute, dropout)
-        self._set(w=w, a=a, b=b, scale=float(scale), dropout=float(dropout), compute=compute)
+        if init is not None and init not in BASE_REWRITING_INITS:
+            raise PeftError(
+                f"LoraWeight.init: {init!r} is not None or one of {', '.join(BASE_REWRITING_INITS)}"
+            )
+        self._set(
+            w=w, a=a, b=b, scale=float(scale), dropout=float(dropout), compute=compute, init=init
+        )
+
+    @property
+    def rewrites_base(self) -> bool:
+        """True when `w` is not the model's kernel (a PiSSA residual, say)."""
+        return self.init in BASE_REWRITING_INITS
 
     @property
     def shape(self):
@@ -241,7 +262,8 @@ def init_lora(
         a, b = a.astype(dtype), b.astype(dtype)
     else:
         raise PeftError(f"method.init: {init!r} is not one of {', '.join(INITS)}")
-    return LoraWeight(w, a, b, scale=scale, dropout=dropout, compute=compute)
+    marker = init if init in BASE_REWRITING_INITS else None
+    return LoraWeight(w, a, b, scale=scale, dropout=dropout, compute=compute, init=marker)
 
 
 def pissa_factors(w, rank: int, scale: float):
@@ -260,14 +282,66 @@ def pissa_factors(w, rank: int, scale: float):
     return residual, a, b
 
 
-def pissa_to_lora_leaf(trained: LoraWeight, initial: LoraWeight) -> LoraWeight:
+def pissa_to_lora_leaf(trained: LoraWeight, initial, path: str = "kernel") -> LoraWeight:
     """A plain-LoRA leaf over the *original* kernel equal to a trained PiSSA leaf.
 
     PiSSA trains `a, b` over the residual `w_res = W - s a0 b0`, so
     `w_res + s a b = W + s [a, a0] @ [b; -b0]`: a rank-2r LoRA on `W` itself,
-    which is what a consumer holding only the base model can apply.
+    which is what a consumer holding only the base model can apply (PEFT's
+    `path_initial_model_for_weight_conversion` does the same).
+
+    `initial` is either the PiSSA leaf as initialized (`w_res, a0, b0`; then
+    `W = w_res + s a0 b0`) or the original kernel `W` itself (then `a0, b0`
+    are recomputed: PiSSA's init is a deterministic SVD). Either way the
+    trained leaf's residual must be the one `initial` gives, which is checked
+    (so this runs outside `jit`). Over a quantized residual (QPiSSA) the
+    rewrite is exact for ftjax's leaf, whose `w` becomes the dequantized
+    residual plus `s a0 b0`; over the released `W` it differs by the
+    quantization error, as PEFT warns for its own conversion.
     """
-    w = (jnp.asarray(initial.w, jnp.float32) + initial.delta(jnp.float32)).astype(initial.w.dtype)
-    a = jnp.concatenate([trained.a, jnp.asarray(initial.a, trained.a.dtype)], axis=-1)
-    b = jnp.concatenate([trained.b, -jnp.asarray(initial.b, trained.b.dtype)], axis=-2)
-    return trained.replace(w=w, a=a, b=b)
+    if not trained.rewrites_base:
+        raise PeftError(f"{path}: not a PiSSA leaf (init={trained.init!r}); nothing to convert")
+    rank, scale = trained.rank, trained.scale
+    if isinstance(initial, LoraWeight):
+        if not initial.rewrites_base or initial.rank != rank or initial.scale != scale:
+            raise PeftError(
+                f"{path}: the initial leaf (init={initial.init!r}, rank {initial.rank}, "
+                f"scale {initial.scale}) is not this PiSSA leaf's (rank {rank}, scale {scale})"
+            )
+        residual, a0, b0 = initial.w, initial.a, initial.b
+        original = layers.materialize(residual, jnp.float32) + initial.delta(jnp.float32)
+    else:
+        if tuple(initial.shape) != tuple(trained.shape):
+            raise PeftError(
+                f"{path}: the base kernel has shape {tuple(initial.shape)}, "
+                f"the PiSSA leaf {tuple(trained.shape)}"
+            )
+        original = jnp.asarray(initial, jnp.float32)
+        residual, a0, b0 = pissa_factors(original, rank, scale)
+    _check_residual(trained.w, residual, path)
+    dtype = trained.w.dtype
+    a = jnp.concatenate([trained.a, jnp.asarray(a0, trained.a.dtype)], axis=-1)
+    b = jnp.concatenate([trained.b, -jnp.asarray(b0, trained.b.dtype)], axis=-2)
+    return trained.replace(w=original.astype(dtype), a=a, b=b, **_plain_init(trained))
+
+
+def _plain_init(leaf) -> dict:
+    # A subclass whose `static` lacks the field has no marker to clear.
+    return {"init": None} if "init" in type(leaf).static else {}
+
+
+def _check_residual(stored, expected, path: str):
+    """Refuses an `initial` whose residual is not the trained leaf's frozen one
+    (another base, rank or scale); the tolerance allows a dtype's rounding, or
+    a quantized residual's quantization error."""
+    got = np.asarray(layers.materialize(stored, jnp.float32))
+    want = np.asarray(layers.materialize(expected, jnp.float32))
+    quantized = isinstance(stored, WeightLeaf) or isinstance(expected, WeightLeaf)
+    tol = 0.25 if quantized else 1e-2
+    err = float(np.abs(got - want).max()) / max(float(np.abs(want).max()), 1e-30)
+    if not err <= tol:
+        raise PeftError(
+            f"{path}: the PiSSA leaf's frozen residual differs from the one `initial` gives "
+            f"(max relative difference {err:.3g} > {tol}); pass the base params (or the initial "
+            "adapted params) the adapter was trained from"
+        )

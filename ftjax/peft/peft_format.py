@@ -8,15 +8,19 @@ name in the `transformers` model (`model.layers.0.self_attn.q_proj`) and no
 adapter name appears. The file carries the metadata `{"format": "pt"}`.
 
 PEFT loads leniently: it silently drops tensors of modules that
-`target_modules` does not match and ignores magnitudes when `use_dora` is
-false. `write_adapter` therefore checks both itself and refuses.
+`target_modules` does not match (or `exclude_modules` does) and ignores
+magnitudes when `use_dora` is false. `write_adapter` therefore checks both
+itself and refuses. On import, every field of `adapter_config.json` must be
+one ftjax implements, or bookkeeping, or at the value that leaves LoRA's
+computation unchanged (`CONFIG_FIELDS`); any other field, including ones a
+later PEFT adds, is refused by name rather than ignored.
 
-    >>> save_adapter(model.cfg, params, "out/adapter")          # ftjax -> PyTorch
-    >>> params = load_adapter(model.cfg, base, "out/adapter")   # PyTorch -> ftjax
+    >>> export_adapter(model.cfg, params, "out/adapter", method=m, initial=base)  # ftjax -> PyTorch
+    >>> params = load_adapter(model.cfg, base, "out/adapter")                      # PyTorch -> ftjax
 
-PiSSA adapters only make sense on top of their residual base; export them with
-`save_adapter(cfg, pissa_to_lora(params, initial), dir)`, which rewrites them
-as a rank-2r LoRA over the original weights (see `pissa_to_lora`).
+PiSSA adapters only make sense on top of their residual base. `save_adapter`
+refuses them; `export_adapter` (given the base params) rewrites them as a
+rank-2r LoRA over the original weights first (see `pissa_to_lora`).
 """
 
 from __future__ import annotations
@@ -33,7 +37,7 @@ import numpy as np
 from ftjax.models import safetensors_io
 from ftjax.models.config import ModelConfig
 from ftjax.models.hf import hf_name, stack_layers, unstack_layers
-from ftjax.peft.base import AdapterFormatError, flatten_paths, is_leaf
+from ftjax.peft.base import AdapterFormatError, PeftError, flatten_paths, is_leaf, path_str
 from ftjax.peft.dora import DoraWeight
 from ftjax.peft.lora import MERGED_MODES, LoraWeight, lora_scale, pissa_to_lora_leaf
 from ftjax.peft.methods import replace_leaves
@@ -54,12 +58,27 @@ def _unstacked(cfg: ModelConfig, params):
     return unstack_layers(cfg, params) if cfg.scan_layers else params
 
 
-def peft_targets_match(module: str, target_modules) -> bool:
-    """Whether PEFT's `target_modules` selects a module name (PEFT's own rule:
-    a string is a full-match regex; a list matches a name or a dotted suffix)."""
-    if isinstance(target_modules, str):
-        return re.fullmatch(target_modules, module) is not None
-    return any(module == t or module.endswith("." + t) for t in target_modules)
+ALL_LINEAR = "all-linear"
+# The output head every supported family has; PEFT's "all-linear" leaves it out.
+OUTPUT_HEAD = "lm_head"
+
+
+def _names_match(module: str, names) -> bool:
+    """PEFT's rule: a string is a full-match regex; a list matches a name or a dotted suffix."""
+    if isinstance(names, str):
+        return re.fullmatch(names, module) is not None
+    return any(module == t or module.endswith("." + t) for t in names)
+
+
+def peft_targets_match(module: str, target_modules, exclude_modules=None) -> bool:
+    """Whether PEFT adapts a module under `target_modules` (a regex, a list of
+    names or dotted suffixes, or "all-linear": every linear layer but the
+    output head) and `exclude_modules` (same rules, no shorthand)."""
+    if exclude_modules and _names_match(module, exclude_modules):
+        return False
+    if isinstance(target_modules, str) and target_modules.lower() == ALL_LINEAR:
+        return module != OUTPUT_HEAD and not module.endswith("." + OUTPUT_HEAD)
+    return _names_match(module, target_modules)
 
 
 def _minimal_targets(adapted: list[str], others: list[str]) -> list[str]:
@@ -95,6 +114,9 @@ def adapter_state(
     leaves = [(p, x) for p, x in flatten_paths(params) if isinstance(x, LoraWeight)]
     if not leaves:
         raise AdapterFormatError("params: no LoRA/DoRA adapter to export")
+    for path, leaf in leaves:
+        if leaf.rewrites_base:
+            raise AdapterFormatError(_pissa_refusal(f"params: {path}"))
     kinds = {(x.rank, x.scale, isinstance(x, DoraWeight), x.dropout) for _, x in leaves}
     if len(kinds) > 1:
         raise AdapterFormatError(
@@ -160,14 +182,16 @@ def _group(tensors: dict, source: str) -> dict[str, dict[str, np.ndarray]]:
 
 def _validate(config: dict, modules: dict, source: str):
     for field in ("r", "lora_alpha", "target_modules"):
-        if field not in config:
+        if config.get(field) is None:
             raise AdapterFormatError(f"{source}: adapter_config.json lacks {field!r}")
     rank, use_dora = config["r"], bool(config.get("use_dora", False))
+    targets, excluded = config["target_modules"], config.get("exclude_modules")
     for module, parts in sorted(modules.items()):
-        if not peft_targets_match(module, config["target_modules"]):
+        if not peft_targets_match(module, targets, excluded):
             raise AdapterFormatError(
-                f"{source}: module {module!r} has tensors but target_modules="
-                f"{config['target_modules']!r} does not match it (PEFT would silently drop them)"
+                f"{source}: module {module!r} has tensors but target_modules={targets!r}"
+                + (f", exclude_modules={excluded!r}" if excluded else "")
+                + " does not select it (PEFT would silently drop them)"
             )
         if "m" in parts and not use_dora:
             raise AdapterFormatError(
@@ -196,24 +220,71 @@ def write_adapter(out_dir: str, config: dict, tensors: dict[str, np.ndarray]) ->
         json.dump(config, f, indent=2, sort_keys=True)
 
 
+def _pissa_refusal(where: str) -> str:
+    return (
+        f"{where} is a PiSSA adapter: its frozen kernel is the residual W - s*a0@b0, so PEFT "
+        "would apply a and b to the wrong base; export it with peft.export_adapter(cfg, params, "
+        "dir, method=..., initial=base_params), or convert it first with peft.pissa_to_lora"
+    )
+
+
+def _method_options(method) -> dict:
+    opts = getattr(method, "config", method)
+    return opts.to_dict() if hasattr(opts, "to_dict") else dict(opts)
+
+
 def save_adapter(cfg: ModelConfig, params, out_dir: str, *, method=None, **options) -> dict:
     """Exports the adapters of `params` for `peft.PeftModel.from_pretrained`.
 
     `method` (a method config or `Method`) supplies `lora_alpha` and
     `use_rslora` as configured; `options` go to `adapter_state` (lora_alpha,
     use_rslora, target_modules, base_model_name_or_path). Returns the config.
+    PiSSA leaves are refused (see `export_adapter`).
 
     >>> save_adapter(model.cfg, params, "run/adapter", method=config.method)
     """
     if method is not None:
-        opts = getattr(method, "config", method)
-        opts = opts.to_dict() if hasattr(opts, "to_dict") else dict(opts)
+        opts = _method_options(method)
+        if opts.get("init") == "pissa" and any(
+            isinstance(x, LoraWeight) and x.rank == opts.get("rank")
+            for _, x in flatten_paths(params)
+        ):
+            # Also catches leaves that lost their marker (a rank-r leaf of a
+            # PiSSA run is unconverted; converted ones have rank 2r).
+            raise AdapterFormatError(
+                _pissa_refusal(f"params (method init 'pissa', rank {opts['rank']})")
+            )
         if "alpha" in opts:
             options.setdefault("lora_alpha", float(opts["alpha"]))
             options.setdefault("use_rslora", bool(opts.get("rslora", False)))
     config, tensors = adapter_state(cfg, params, **options)
     write_adapter(out_dir, config, tensors)
     return config
+
+
+def export_adapter(
+    cfg: ModelConfig, params, out_dir: str, *, method=None, initial=None, **options
+) -> dict:
+    """`save_adapter`, first rewriting PiSSA leaves as plain LoRA over the base.
+
+    `initial` is the plain base params the run started from (or the adapted
+    params at step 0, `method.apply(base, rng)`), in the layout of `params`;
+    it is needed only when there are PiSSA leaves, which become rank-2r
+    LoRA with the same scale (`lora_alpha` doubles, or grows by sqrt(2) with
+    rsLoRA, as in PEFT's own conversion). Returns the written config.
+
+    >>> export_adapter(model.cfg, params, "run/adapter", method=method, initial=base_params)
+    """
+    pissa = any(isinstance(x, LoraWeight) and x.rewrites_base for _, x in flatten_paths(params))
+    if pissa:
+        if initial is None:
+            raise AdapterFormatError(_pissa_refusal("params") + " (initial= is missing)")
+        params = pissa_to_lora(params, initial)
+        if method is not None:
+            # The converted rank is 2r: alpha follows from the unchanged scale.
+            options.setdefault("use_rslora", bool(_method_options(method).get("rslora", False)))
+            method = None
+    return save_adapter(cfg, params, out_dir, method=method, **options)
 
 
 def read_adapter(in_dir: str) -> tuple[dict, dict[str, np.ndarray]]:
@@ -231,29 +302,90 @@ def read_adapter(in_dir: str) -> tuple[dict, dict[str, np.ndarray]]:
     return config, safetensors_io.load(weights_path)
 
 
-def _refuse_unsupported(config: dict, source: str):
-    checks = [
-        ("peft_type", config.get("peft_type", "LORA") == "LORA"),
-        ("rank_pattern", not config.get("rank_pattern")),
-        ("alpha_pattern", not config.get("alpha_pattern")),
-        ("bias", config.get("bias", "none") == "none"),
-        ("lora_bias", not config.get("lora_bias")),
-        ("modules_to_save", not config.get("modules_to_save")),
-        ("layers_to_transform", config.get("layers_to_transform") is None),
-        ("trainable_token_indices", not config.get("trainable_token_indices")),
-    ]
-    for field, ok in checks:
-        if not ok:
+# init_lora_weights values under which PEFT leaves the base weights alone, so
+# the saved A, B are relative to the checkpoint the user holds. (pissa*, olora,
+# corda, loftq and lora_ga rewrite the base; unknown ones are refused too.)
+BASE_PRESERVING_INITS = (True, False, "gaussian", "eva", "orthogonal", "mica")
+
+# Every field of PEFT's LoraConfig (peft 0.21) and what the importer accepts
+# for it. Bookkeeping, runtime and init-time-only settings take anything
+# (whether an init rewrote the base is `init_lora_weights`' business):
+_BOOKKEEPING = """task_type auto_mapping peft_version base_model_name_or_path revision
+    inference_mode runtime_config megatron_core qalora_group_size ensure_weight_tying
+    loftq_config eva_config corda_config lora_ga_config""".split()
+# Features ftjax does not implement, accepted only at their off value:
+_OFF = """rank_pattern alpha_pattern modules_to_save layers_to_transform layers_pattern
+    megatron_config trainable_token_indices velora_config alora_invocation_tokens
+    monteclora_config layer_replication target_parameters use_bdlora arrow_config
+    kasa_config bias lora_bias use_qalora""".split()
+
+
+def _off(v) -> bool:
+    """null, false, empty, or bias's "none"."""
+    return (
+        v is None or v is False or (isinstance(v, (dict, list, str)) and v in ({}, [], "", "none"))
+    )
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _names(v) -> bool:
+    return isinstance(v, str) or (isinstance(v, list) and all(isinstance(t, str) for t in v))
+
+
+def _base_preserving(v) -> bool:
+    return any(v is k if isinstance(k, bool) else v == k for k in BASE_PRESERVING_INITS)
+
+
+# field -> (accepts(value), what is expected); a field not listed is refused.
+CONFIG_FIELDS = {
+    "peft_type": (lambda v: v in (None, "LORA"), "'LORA'"),
+    "r": (lambda v: _is_int(v) and v > 0, "a positive int"),
+    "lora_alpha": (lambda v: _is_int(v) or isinstance(v, float), "a number"),
+    "target_modules": (
+        _names,
+        "a regex, module names or 'all-linear'; null means PEFT's per-architecture default",
+    ),
+    "exclude_modules": (lambda v: v is None or _names(v), "null, a regex or module names"),
+    "lora_dropout": (lambda v: v is None or _is_int(v) or isinstance(v, float), "a number"),
+    "use_rslora": (lambda v: isinstance(v, bool), "a bool"),
+    "use_dora": (lambda v: isinstance(v, bool), "a bool"),
+    "init_lora_weights": (_base_preserving, "an init that leaves the base unchanged"),
+    # PEFT sets it per layer type itself (Conv1D or Linear); the tensors' layout is the same.
+    "fan_in_fan_out": (lambda v: isinstance(v, bool), "a bool"),
+    **{field: (lambda v: True, "anything") for field in _BOOKKEEPING},
+    **{field: (_off, "null, false, empty or 'none'") for field in _OFF},
+}
+
+
+def check_config(config: dict, source: str) -> None:
+    """Refuses an adapter config with a field ftjax does not implement at the
+    given value, or does not know (see `CONFIG_FIELDS`)."""
+    if not isinstance(config, dict):
+        raise AdapterFormatError(f"{source}: {CONFIG_NAME} is not a JSON object")
+    for field, value in config.items():
+        if field not in CONFIG_FIELDS:
             raise AdapterFormatError(
-                f"{source}: {field}={config.get(field)!r} is not supported by ftjax's importer"
+                f"{source}: {CONFIG_NAME} field {field!r} is unknown to ftjax's importer "
+                "(PEFT LoraConfig fields as of peft 0.21); refusing rather than ignoring it"
             )
-    init = config.get("init_lora_weights", True)
-    if isinstance(init, str):
-        # Weights saved under such an init are relative to a rewritten base
-        # (PiSSA's residual, ...), not the checkpoint the user holds.
+        ok, expected = CONFIG_FIELDS[field]
+        if ok(value):
+            continue
+        if field == "init_lora_weights" and isinstance(value, str):
+            # Weights saved under such an init are relative to a rewritten base
+            # (PiSSA's residual, ...), not the checkpoint the user holds.
+            accepted = ", ".join(json.dumps(k) for k in BASE_PRESERVING_INITS)
+            raise AdapterFormatError(
+                f"{source}: init_lora_weights={value!r} is not one of the inits that leave the "
+                f"base weights unchanged ({accepted}), so A and B may be relative to a rewritten "
+                "base; convert the adapter to plain LoRA first (PEFT: "
+                "save_pretrained(..., path_initial_model_for_weight_conversion=...))"
+            )
         raise AdapterFormatError(
-            f"{source}: init_lora_weights={init!r}: this adapter is relative to a modified base; "
-            "convert it to plain LoRA first (PEFT: path_initial_model_for_weight_conversion)"
+            f"{source}: {field}={value!r} is not supported by ftjax's importer (expected {expected})"
         )
 
 
@@ -267,7 +399,7 @@ def load_adapter(cfg: ModelConfig, params, in_dir: str, *, compute: str = "auto"
     >>> logits = model.apply({"params": params}, ids)
     """
     config, tensors = read_adapter(in_dir)
-    _refuse_unsupported(config, in_dir)
+    check_config(config, in_dir)
     modules = _group(tensors, in_dir)
     _validate(config, modules, in_dir)
     scale = lora_scale(config["lora_alpha"], config["r"], bool(config.get("use_rslora", False)))
@@ -303,16 +435,29 @@ def load_adapter(cfg: ModelConfig, params, in_dir: str, *, compute: str = "auto"
 def pissa_to_lora(params, initial):
     """Rewrites trained PiSSA adapters as plain LoRA over the original weights.
 
-    `initial` is the tree PiSSA's `apply` returned before training (PiSSA's
-    init is deterministic, so `method.apply(base_params, rng)` recomputes it).
-    Each leaf becomes rank 2r: `a' = [a, a0]`, `b' = [b; -b0]`, `w' = W`.
+    `initial` is, in the layout of `params`, either the plain base params the
+    run started from or the tree PiSSA's `apply` returned before training
+    (`method.apply(base_params, rng)`; PiSSA's init is deterministic). Each
+    PiSSA leaf becomes rank 2r: `a' = [a, a0]`, `b' = [b; -b0]`, `w' = W`
+    (`pissa_to_lora_leaf`); other leaves are kept. Runs outside `jit`.
 
-    >>> lora_params = pissa_to_lora(trained, method.apply(base, rng))
+    >>> lora_params = pissa_to_lora(trained, base_params)
     >>> save_adapter(cfg, lora_params, "out")
     """
-    return jax.tree.map(
-        lambda t, i: pissa_to_lora_leaf(t, i) if isinstance(t, LoraWeight) else t,
-        params,
-        initial,
-        is_leaf=is_leaf,
-    )
+
+    def convert(keypath, leaf, start):
+        if isinstance(leaf, LoraWeight) and leaf.rewrites_base:
+            try:
+                return pissa_to_lora_leaf(leaf, start, path_str(keypath))
+            except PeftError as e:
+                raise AdapterFormatError(f"initial: {e}") from None
+        return leaf
+
+    try:
+        return jax.tree_util.tree_map_with_path(convert, params, initial, is_leaf=is_leaf)
+    except ValueError as e:
+        if isinstance(e, PeftError):
+            raise
+        raise AdapterFormatError(
+            f"initial: not a params tree of the same model and layout as params ({e})"
+        ) from None

@@ -1,14 +1,7 @@
 """Studies: the run directory (the only reader and writer of a run's files),
 a run's evaluation after training, and the report over a sweep's runs."""
 
-from ftjax.study.evaluate import (
-    default_eval_config,
-    evaluate_run,
-    memorization,
-    training_eval_sets,
-)
-from ftjax.study.report import Report, Stat, aggregate, aggregate_values, build_report, write_report
-from ftjax.study.rundir import (
+from ftjax.rundir import (
     RunDir,
     is_finished,
     json_default,
@@ -17,6 +10,13 @@ from ftjax.study.rundir import (
     write_json_atomic,
     write_text_atomic,
 )
+from ftjax.study.evaluate import (
+    default_eval_config,
+    evaluate_run,
+    memorization,
+    training_eval_sets,
+)
+from ftjax.study.report import Report, Stat, aggregate, aggregate_values, build_report, write_report
 
 __all__ = [
     "Report",

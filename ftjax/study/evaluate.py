@@ -26,7 +26,7 @@ import ml_collections
 from ftjax.eval.forgetting import forgetting
 from ftjax.eval.metrics import SUMMARY_NAMES, evaluate_batches, flatten_sets, unflatten_sets
 from ftjax.eval.scoring import exact_match_on, strip_whitespace
-from ftjax.study.rundir import EVALUATED, RunDir, read_json, write_json_atomic
+from ftjax.rundir import EVALUATED, RunDir, read_json, write_json_atomic
 
 # The synthetic suite's answers are exact strings (case and punctuation
 # count): only surrounding whitespace is ignored.

@@ -1,6 +1,6 @@
 """Aggregate a sweep's run directories into `report.md` and PNG plots.
 
-Reads runs only through `ftjax.study.rundir.load_runs`; never imports a study
+Reads runs only through `ftjax.rundir.load_runs`; never imports a study
 and never recomputes a metric: every number in the report is a summary value
 a run stored (computed by `ftjax.eval`, see `ftjax.study.evaluate`),
 aggregated over seeds by `aggregate_values`. Summary keys it understands:
@@ -26,7 +26,7 @@ from typing import NamedTuple
 
 from ftjax.errors import RunDirError
 from ftjax.eval.forgetting import metric_change
-from ftjax.study.rundir import load_runs, write_text_atomic
+from ftjax.rundir import load_runs, write_text_atomic
 
 # Two-sided 95% quantiles of Student's t by degrees of freedom; beyond the
 # table the next smaller entry (a slightly wider, conservative interval).

@@ -23,7 +23,7 @@ import time
 from collections.abc import Callable
 
 from ftjax.errors import ConfigError, FtjaxError
-from ftjax.study.rundir import RunDir
+from ftjax.rundir import RunDir
 from ftjax.study.sweep import expand, load_study
 
 # A run started by a sweep: the sweep's pid, and the CPUs the run may use.

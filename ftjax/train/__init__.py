@@ -1,8 +1,8 @@
 """The training engine: one pure step, parallel compilation, checkpoints, the loop."""
 
-from ftjax.train.checkpoint import Checkpointer, CheckpointMismatch
+from ftjax.train.checkpoint import Checkpointer, CheckpointMismatch, DamagedCheckpoint
 from ftjax.train.config import default_config, validate_run_config
-from ftjax.train.loop import RunResult, evaluate, load_base, train
+from ftjax.train.loop import RunResult, TrainingDiverged, evaluate, load_base, train
 from ftjax.train.optim import ConfigError, build_optimizer, default_optim_config
 from ftjax.train.parallel import MODES, Parallel
 from ftjax.train.step import StepConfig, TrainState, eval_step, token_losses, train_step
@@ -12,9 +12,11 @@ __all__ = [
     "CheckpointMismatch",
     "Checkpointer",
     "ConfigError",
+    "DamagedCheckpoint",
     "Parallel",
     "RunResult",
     "StepConfig",
+    "TrainingDiverged",
     "TrainState",
     "build_optimizer",
     "default_config",

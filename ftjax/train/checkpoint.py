@@ -11,6 +11,13 @@ renames it when complete, so a kill during a save leaves the previous
 checkpoint as the latest usable one (unfinished temporaries are ignored and
 cleaned up). Retention is ours: keep the last `keep` steps plus the best one by
 a chosen eval metric.
+
+Integrity: once a save is complete, the size and SHA-256 of each of its files
+go to `<step>/ftjax_checksums.json`. A restore verifies them first (orbax
+itself reads a flipped bit without complaint), then restores; a damaged
+checkpoint raises `DamagedCheckpoint`, and `restore_latest` falls back to the
+newest intact one, moving the damaged ones to `<workdir>/damaged_checkpoints/`
+so the run can write those steps again.
 """
 
 from __future__ import annotations
@@ -18,17 +25,29 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
 from ftjax.errors import CheckpointError
+from ftjax.train.metrics import log
 from ftjax.train.step import TrainState
+
+CHECKSUMS = "ftjax_checksums.json"
 
 
 class CheckpointMismatch(CheckpointError):
     """The workdir holds a checkpoint of a different model, method or base."""
+
+
+class DamagedCheckpoint(CheckpointError):
+    """A checkpoint whose files are missing, truncated or altered."""
+
+    def __init__(self, directory: str, step: int, reason: str):
+        super().__init__(f"{directory}: checkpoint {step} is damaged ({reason})")
+        self.step, self.reason = step, reason
 
 
 def _flat(tree) -> dict:
@@ -59,6 +78,63 @@ def checksum_files(paths) -> str:
     return h.hexdigest()[:16]
 
 
+# ----------------------------------------------------------------------------- file checksums
+
+
+def _file_digests(step_dir: str) -> dict:
+    """{relative path: [size, sha256]} of every file of a finished save."""
+    out = {}
+    for root, _, files in os.walk(step_dir):
+        for name in files:
+            path = os.path.join(root, name)
+            rel = os.path.relpath(path, step_dir)
+            if not rel.startswith(CHECKSUMS):
+                out[rel] = [os.path.getsize(path), _sha256(path)]
+    return out
+
+
+def _sha256(path: str) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def write_checksums(step_dir: str) -> None:
+    path = os.path.join(step_dir, CHECKSUMS)
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump({"files": _file_digests(step_dir)}, f, sort_keys=True)
+    os.replace(tmp, path)
+
+
+def verify_checksums(step_dir: str) -> str | None:
+    """What is wrong with the files of `step_dir`, or None when they match the
+    checksums written at save time (or when none were: a save from before
+    checksums, or one killed between orbax's commit and the checksums)."""
+    path = os.path.join(step_dir, CHECKSUMS)
+    if not os.path.exists(path):
+        return None
+    try:
+        with open(path) as f:
+            expected = json.load(f)["files"]
+    except (OSError, ValueError, KeyError):
+        return f"{CHECKSUMS} unreadable"
+    for rel, (size, digest) in sorted(expected.items()):
+        full = os.path.join(step_dir, rel)
+        if not os.path.isfile(full):
+            return f"{rel} missing"
+        if os.path.getsize(full) != size:
+            return f"{rel} has {os.path.getsize(full)} bytes, {size} when saved"
+        if _sha256(full) != digest:
+            return f"{rel} changed since it was saved (checksum mismatch)"
+    return None
+
+
+# ----------------------------------------------------------------------------- checkpointer
+
+
 class Checkpointer:
     def __init__(
         self,
@@ -68,6 +144,7 @@ class Checkpointer:
         best_metric: str | None = None,
         best_mode: str = "min",
         async_save: bool = True,
+        read_only: bool = False,
     ):
         self.directory = os.path.abspath(directory)
         self.identity = identity
@@ -76,13 +153,16 @@ class Checkpointer:
         options = ocp.CheckpointManagerOptions(
             max_to_keep=None,  # retention below: last K plus the best
             enable_async_checkpointing=async_save,
-            create=True,
-            cleanup_tmp_directories=True,
+            create=not read_only,
+            cleanup_tmp_directories=not read_only,
         )
+        handlers = {"state": ocp.StandardCheckpointHandler(), "meta": ocp.JsonCheckpointHandler()}
         self.manager = ocp.CheckpointManager(
-            self.directory, options=options, item_names=("state", "meta")
+            self.directory, options=options, item_handlers=handlers
         )
         self._best_path = os.path.join(self.directory, "best.json")
+        self._unverified: list[int] = []  # saved steps still without checksums
+        self._closed = False
 
     # ------------------------------------------------------------------ save
 
@@ -94,6 +174,7 @@ class Checkpointer:
         )
         if step in self.manager.all_steps():
             return
+        self._write_pending_checksums()
         meta = {"step": step, "identity": self.identity, "metrics": metrics or {}}
         self.manager.save(
             step,
@@ -102,10 +183,19 @@ class Checkpointer:
             ),
             force=True,
         )
-        if _test_kill_during_save(step):
-            os.kill(os.getpid(), 9)
+        self._unverified.append(step)
         self._update_best(step, metrics)
         self._prune(exclude=step)
+
+    def _write_pending_checksums(self):
+        """Checksums of the saves that have finished (waits for the one in flight)."""
+        self.manager.wait_until_finished()
+        if jax.process_index() == 0:
+            for step in self._unverified:
+                step_dir = os.path.join(self.directory, str(step))
+                if os.path.isdir(step_dir):
+                    write_checksums(step_dir)
+        self._unverified = []
 
     def _update_best(self, step, metrics):
         if not self.best_metric or not metrics or self.best_metric not in metrics:
@@ -141,33 +231,68 @@ class Checkpointer:
         self.manager.wait_until_finished()
 
     def close(self):
-        self.manager.wait_until_finished()
-        self.manager.close()
+        if self._closed:
+            return
+        self._closed = True
+        try:
+            self._write_pending_checksums()
+        finally:
+            self.manager.close()
 
     # ------------------------------------------------------------------ restore
+
+    def steps(self) -> list[int]:
+        return sorted(self.manager.all_steps())
 
     def latest_step(self) -> int | None:
         return self.manager.latest_step()
 
-    def restore(self, template: TrainState, step: int | None = None) -> TrainState:
-        """Restores into the structure (and shardings) of `template`, whose
-        frozen part is kept as is."""
-        step = self.latest_step() if step is None else step
-        meta = self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))[
-            "meta"
-        ]
+    def restore_latest(self, template: TrainState, set_aside: bool = True):
+        """(state, step) of the newest intact checkpoint; (None, None) when the
+        directory holds none at all. Each damaged newer one is logged and, with
+        `set_aside`, moved out of the way so the run can save that step again."""
+        damaged = []
+        for step in reversed(self.steps()):
+            try:
+                state = self.restore(template, step)
+            except DamagedCheckpoint as e:
+                log(f"warning: checkpoint {step} is damaged ({e.reason}); skipping it")
+                damaged.append(e)
+                continue
+            if set_aside and damaged:
+                self._set_aside([e.step for e in damaged])
+            return state, step
+        if damaged:
+            reasons = "; ".join(f"step {e.step}: {e.reason}" for e in damaged)
+            raise CheckpointError(
+                f"{self.directory}: no intact checkpoint ({reasons}); move the directory "
+                "aside to start the run over"
+            )
+        return None, None
+
+    def restore(self, template: TrainState, step: int) -> TrainState:
+        """Restores checkpoint `step` into the structure (and shardings) of
+        `template`, whose frozen part is kept as is. Raises CheckpointMismatch
+        for another run's checkpoint and DamagedCheckpoint for damaged files."""
+        reason = verify_checksums(os.path.join(self.directory, str(step)))
+        if reason:
+            raise DamagedCheckpoint(self.directory, step, reason)
+        try:
+            meta = self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))[
+                "meta"
+            ]
+        except Exception as e:  # orbax raises anything from JSON to tensorstore errors
+            raise DamagedCheckpoint(self.directory, step, f"meta: {_first_line(e)}") from None
         self.check_identity(meta.get("identity", {}))
         saved = _saved_part(template)
         abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, saved)
+        self._check_structure(step, abstract)
         try:
             restored = self.manager.restore(
                 step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract))
             )["state"]
-        except (ValueError, KeyError) as e:
-            raise CheckpointMismatch(
-                f"{self.directory}: checkpoint {step} does not fit this run's parameters "
-                f"({str(e).splitlines()[0][:200]}); use a fresh --workdir"
-            ) from None
+        except Exception as e:
+            raise DamagedCheckpoint(self.directory, step, f"state: {_first_line(e)}") from None
 
         def rebuild(tree, flat):
             treedef = jax.tree_util.tree_structure(tree)
@@ -193,8 +318,53 @@ class Checkpointer:
                     "use a fresh --workdir"
                 )
 
+    def _check_structure(self, step: int, abstract) -> None:
+        """The saved arrays' names, shapes and dtypes against this run's (an
+        optimizer or precision change that the identity does not cover)."""
+        try:
+            saved = self.manager.item_metadata(step)["state"]
+        except Exception as e:
+            raise DamagedCheckpoint(self.directory, step, f"metadata: {_first_line(e)}") from None
+        if saved is None:
+            return
+        have, want = _shapes(saved), _shapes(abstract)
+        diff = sorted(set(have) ^ set(want)) or [k for k in sorted(want) if have[k] != want[k]]
+        if diff:
+            k = diff[0]
+            raise CheckpointMismatch(
+                f"{self.directory}: checkpoint {step} does not fit this run's parameters "
+                f"({k}: saved {have.get(k, 'absent')}, this run {want.get(k, 'absent')}); "
+                "use a fresh --workdir"
+            )
 
-def _test_kill_during_save(step: int) -> bool:
-    """Test hook: SIGKILL this process right after a save of `step` starts, to
-    prove that a kill mid-save leaves the previous checkpoint usable."""
-    return os.environ.get("FTJAX_TEST_KILL_DURING_SAVE") == str(step)
+    def _set_aside(self, steps: list[int]) -> None:
+        """Moves damaged step directories to <workdir>/damaged_checkpoints/."""
+        _sync("ftjax_set_aside_start")
+        if jax.process_index() == 0:
+            root = os.path.join(os.path.dirname(self.directory), "damaged_checkpoints")
+            os.makedirs(root, exist_ok=True)
+            for step in steps:
+                dest, n = os.path.join(root, str(step)), 1
+                while os.path.exists(dest):
+                    dest, n = os.path.join(root, f"{step}.{n}"), n + 1
+                shutil.move(os.path.join(self.directory, str(step)), dest)
+                log(f"moved damaged checkpoint {step} to {dest}")
+        _sync("ftjax_set_aside_done")
+        self.manager.reload()
+
+
+def _shapes(tree) -> dict:
+    leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
+    return {jax.tree_util.keystr(k): f"{np.dtype(v.dtype).name}{list(v.shape)}" for k, v in leaves}
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return (text.splitlines()[0] if text else type(e).__name__)[:200]
+
+
+def _sync(name: str) -> None:
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices(name)

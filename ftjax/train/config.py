@@ -45,6 +45,9 @@ def default_train_config() -> ml_collections.ConfigDict:
             best_metric="",  # e.g. "eval/target/loss"; kept besides the last `keep`
             best_mode="min",
             async_checkpoint=True,
+            # Stop with an error after this many updates in a row were skipped by
+            # the NaN/Inf guard (a diverged run); 0: never stop, only warn.
+            max_consecutive_skips=10,
             z_loss=0.0,
             label_smoothing=0.0,
             peak_flops=0.0,  # per-device peak FLOP/s for MFU (0: MFU not reported)
@@ -91,3 +94,13 @@ def validate_run_config(cfg) -> None:
         )
     if cfg.train.best_mode not in ("min", "max"):
         raise ConfigError(f"train.best_mode={cfg.train.best_mode!r}; expected 'min' or 'max'")
+    if int(cfg.optim.get("warmup_steps", 0)) > cfg.train.steps:
+        raise ConfigError(
+            f"optim.warmup_steps={cfg.optim.warmup_steps} is larger than "
+            f"train.steps={cfg.train.steps}; expected warmup_steps <= steps"
+        )
+    if int(cfg.train.get("max_consecutive_skips", 0)) < 0:
+        raise ConfigError(
+            f"train.max_consecutive_skips={cfg.train.max_consecutive_skips}; "
+            "expected an integer >= 0 (0: never stop)"
+        )

@@ -1,22 +1,28 @@
 """The trainer: from a run config to a trained run directory.
 
+    <workdir>/.lock            held by the training process (see workdir.py)
     <workdir>/config.json      the full config of the run
-    <workdir>/metrics.jsonl    one line per logged step (appended across resumes)
+    <workdir>/metrics.jsonl    one line per logged step (appended across resumes;
+                               a resume first drops the lines after its checkpoint)
     <workdir>/tensorboard/     the same, as TensorBoard events
     <workdir>/checkpoints/     orbax checkpoints (trainable + optimizer state)
     <workdir>/summary.json     written once the run completes
     <workdir>/adapter/         HF PEFT adapter files (LoRA / DoRA runs)
     <workdir>/hf/              merged weights in HF layout (train.export_hf)
 
-A workdir that already holds a checkpoint resumes from it; SIGTERM (Cloud TPU
-preemption) saves a final checkpoint and returns cleanly.
+A workdir that already holds a checkpoint resumes from its newest intact one;
+nothing is written to the workdir before the checkpoint is known to be this
+run's. SIGTERM (Cloud TPU preemption) and SIGINT (Ctrl-C) save a checkpoint at
+the end of the current step and return; a second Ctrl-C aborts at once.
+A run whose updates the NaN/Inf guard skips `train.max_consecutive_skips`
+times in a row stops with `TrainingDiverged`, saving nothing more.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import glob
-import json
 import os
 import signal
 import statistics
@@ -28,9 +34,13 @@ import jax.numpy as jnp
 import numpy as np
 
 from ftjax import peft
+from ftjax.errors import FtjaxError
+from ftjax.eval.metrics import flatten_sets, summarize
 from ftjax.models import ModelConfig, build_model, config_to_hf, from_pretrained
 from ftjax.models.hf import resolve_dir
+from ftjax.rundir import RunDir
 from ftjax.train import metrics as metrics_lib
+from ftjax.train import workdir as workdir_lib
 from ftjax.train.checkpoint import Checkpointer, checksum_files
 from ftjax.train.config import validate_run_config
 from ftjax.train.optim import build_optimizer
@@ -84,17 +94,83 @@ def model_identity(model) -> dict:
     return config_to_hf(model.cfg)
 
 
-def _install_sigterm():
-    flag = {"stop": False}
+class TrainingDiverged(FtjaxError):
+    """Too many updates in a row were skipped by the NaN/Inf guard."""
 
-    def handler(signum, frame):
-        flag["stop"] = True
 
-    try:
-        previous = signal.signal(signal.SIGTERM, handler)
-    except ValueError:  # not the main thread: no preemption handling
-        previous = None
-    return flag, previous
+class _StopSignals:
+    """SIGTERM and SIGINT ask the loop to save a checkpoint at the end of the
+    current step and return; a second SIGINT aborts at once (KeyboardInterrupt).
+    Outside the main thread no handler can be installed: signals act as usual."""
+
+    def __init__(self):
+        self.received = None
+        self._previous = {}
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            try:
+                self._previous[sig] = signal.signal(sig, self._handle)
+            except ValueError:  # not the main thread
+                pass
+
+    def _handle(self, signum, frame):
+        if signum == signal.SIGINT and self.received is not None:
+            raise KeyboardInterrupt
+        self.received = signum
+
+    @property
+    def name(self) -> str:
+        return signal.Signals(self.received).name
+
+    def restore(self):
+        for sig, previous in self._previous.items():
+            signal.signal(sig, previous)
+
+
+class _SkipWatch:
+    """Follows the NaN/Inf guard's cumulative skip counter one step behind the
+    device (so the host never waits for the step it has just dispatched): logs
+    skipped updates (the 1st, 2nd, 4th, 8th... of a streak) and says when a
+    streak reaches `limit` (0: never)."""
+
+    def __init__(self, limit: int, skipped: int):
+        self.limit, self.last, self.streak = limit, skipped, 0
+        self.first = self.step = None
+        self._pending = None
+
+    def push(self, step: int, skipped) -> bool:
+        previous, self._pending = self._pending, (step, skipped)
+        return self._check(previous)
+
+    def flush(self) -> bool:
+        previous, self._pending = self._pending, None
+        return self._check(previous)
+
+    def _check(self, item) -> bool:
+        if item is None:
+            return False
+        step, skipped = item
+        count = int(to_host(skipped))
+        if count == self.last:
+            self.streak = 0
+            return False
+        self.last, self.streak = count, self.streak + 1
+        if self.streak == 1:
+            self.first = step
+        if self.streak & (self.streak - 1) == 0:
+            metrics_lib.log(
+                f"warning: step {step}: update skipped (non-finite loss or gradients; "
+                f"{self.streak} in a row, {count} in all)"
+            )
+        self.step = step
+        return bool(self.limit) and self.streak >= self.limit
+
+    def error(self, latest_checkpoint) -> TrainingDiverged:
+        kept = "no checkpoint" if latest_checkpoint is None else f"checkpoint {latest_checkpoint}"
+        return TrainingDiverged(
+            f"train.max_consecutive_skips={self.limit}: the updates of steps {self.first}-"
+            f"{self.step} were all skipped (non-finite loss or gradients: the run diverged); "
+            f"stopped, the last saved is {kept}; lower optim.lr"
+        )
 
 
 # ----------------------------------------------------------------------------- eval
@@ -102,40 +178,63 @@ def _install_sigterm():
 
 def evaluate(par: Parallel, state, pipeline, max_batches: int = 0) -> dict:
     """Token-level loss/perplexity/accuracy per named eval set (exact sums)."""
-    out = {}
+    sets = {}
     for name in pipeline.eval_names:
-        totals = {"loss_sum": 0.0, "correct_sum": 0.0, "count": 0.0}
+        totals = {"loss_sum": 0.0, "correct_sum": 0.0, "weight_sum": 0.0}
         for i, batch in enumerate(pipeline.eval_batches(name)):
             if max_batches and i >= max_batches:
                 break
             sums = par.eval_sums(state, par.place_batch(batch))
-            for k in totals:
-                totals[k] += float(to_host(sums[k]))
-        count = max(totals["count"], 1.0)
-        loss = totals["loss_sum"] / count
-        out[f"eval/{name}/loss"] = loss
-        out[f"eval/{name}/perplexity"] = float(np.exp(min(loss, 50.0)))
-        out[f"eval/{name}/token_accuracy"] = totals["correct_sum"] / count
-    if out:
-        losses = [v for k, v in out.items() if k.endswith("/loss")]
-        out["eval/loss"] = float(np.mean(losses))
+            totals["loss_sum"] += float(to_host(sums["loss_sum"]))
+            totals["correct_sum"] += float(to_host(sums["correct_sum"]))
+            totals["weight_sum"] += float(to_host(sums["count"]))
+        sets[name] = summarize(totals, f"eval set {name!r}")  # the one reduction and perplexity
+    out = flatten_sets(sets, "eval", metrics=("loss", "perplexity", "accuracy"))
+    if sets:
+        out["eval/loss"] = float(np.mean([m["loss"] for m in sets.values()]))
     return out
 
 
 # ----------------------------------------------------------------------------- train
 
 
-def train(cfg, workdir: str, quiet: bool = False) -> RunResult:
-    """Trains (or resumes) the run described by `cfg` in `workdir`."""
-    from ftjax.data import build_pipeline
+@dataclasses.dataclass
+class _Setup:
+    """Everything a run is built from, before any state is restored."""
 
+    model: Any
+    base_params: Any
+    pipeline: Any
+    method: Any
+    n_trainable: int
+    n_total: int
+    schedule: Any
+    par: Parallel
+    state: TrainState  # freshly initialized, placed on the devices
+    ckpt: Checkpointer
+    flops_per_token: float
+    train_state_bytes: int
+
+
+def train(cfg, workdir: str, quiet: bool = False) -> RunResult:
+    """Trains (or resumes) the run described by `cfg` in `workdir`, holding the
+    workdir's lock throughout (a second trainer there is refused)."""
     validate_run_config(cfg)
     maybe_initialize_distributed(cfg.parallel)
-    os.makedirs(workdir, exist_ok=True)
-    if jax.process_index() == 0:
-        with open(os.path.join(workdir, "config.json"), "w") as f:
-            f.write(cfg.to_json_best_effort(indent=2, sort_keys=True))
-    t_start = time.time()
+    workdir_lib.prepare(workdir)
+    main = jax.process_index() == 0
+    with workdir_lib.locked(workdir) if main else contextlib.nullcontext():
+        t_start = time.time()
+        setup = _build(cfg, workdir)
+        try:
+            return _run(cfg, workdir, quiet, setup, t_start)
+        finally:
+            setup.ckpt.close()
+
+
+def _build(cfg, workdir: str) -> _Setup:
+    from ftjax.data import build_pipeline
+
     seed = int(cfg.train.seed)
     model, base_params, base_identity = load_base(cfg.model, seed)
     # A host copy: the device state is donated to each step, and the base is
@@ -185,13 +284,6 @@ def train(cfg, workdir: str, quiet: bool = False) -> RunResult:
         best_mode=cfg.train.best_mode,
         async_save=cfg.train.async_checkpoint,
     )
-    state = par.place_state(state)
-    resumed_from = ckpt.latest_step()
-    if resumed_from is not None:
-        state = par.place_state(ckpt.restore(par.host_state(state)))
-        metrics_lib.log(f"resumed from checkpoint at step {resumed_from}")
-    start = int(to_host(par.host_state(state).step))
-
     # FLOPs per token for MFU: matmul weights of the model (not embeddings).
     n_matmul, n_trainable_matmul = metrics_lib.matmul_param_counts(params, trainable)
     flops_per_token = metrics_lib.train_flops_per_token(
@@ -202,71 +294,110 @@ def train(cfg, workdir: str, quiet: bool = False) -> RunResult:
         + peft.nbytes(frozen)
         + peft.nbytes(jax.eval_shape(tx.init, trainable))
     )
-    writer = metrics_lib.MetricsWriter(workdir, cfg.train.steps, cfg.train.tensorboard, quiet)
-    stop, previous_handler = _install_sigterm()
-    step_times, compile_time, last_eval = [], None, {}
-    kill_at = os.environ.get("FTJAX_TEST_KILL_AT_STEP")
-    step = start
-    t_interval, tokens_interval, steps_interval = time.time(), 0, 0
+    return _Setup(
+        model, base_params, pipeline, method, n_trainable, n_total, schedule, par,
+        par.place_state(state), ckpt, flops_per_token, train_state_bytes,
+    )  # fmt: skip
+
+
+def _restore(setup: _Setup):
+    """(state, step restored from or None): the newest intact checkpoint of
+    this run, or the fresh state. Raises CheckpointMismatch for another run's."""
+    par = setup.par
+    restored, step = setup.ckpt.restore_latest(par.host_state(setup.state))
+    if restored is None:
+        return setup.state, None
+    metrics_lib.log(f"resumed from checkpoint at step {step}")
+    return par.place_state(restored), step
+
+
+def _open_outputs(cfg, workdir: str, start: int, quiet: bool) -> metrics_lib.MetricsWriter:
+    """The run's files, written only once the run is known to belong here."""
+    if jax.process_index() == 0:
+        run = RunDir(workdir)
+        run.write_config(cfg)
+        dropped = run.truncate_metrics_after(start)
+        if dropped:
+            metrics_lib.log(f"metrics.jsonl: dropped {dropped} line(s) logged after step {start}")
+    return metrics_lib.MetricsWriter(workdir, cfg.train.steps, cfg.train.tensorboard, quiet)
+
+
+def _run(cfg, workdir: str, quiet: bool, setup: _Setup, t_start: float) -> RunResult:
+    state, resumed_from = _restore(setup)
+    host = setup.par.host_state(state)
+    start, skipped = int(to_host(host.step)), int(to_host(host.skipped))
+    writer = _open_outputs(cfg, workdir, start, quiet)
+    stop = _StopSignals()
     try:
-        while step < cfg.train.steps:
-            batch = pipeline.batch_at(step)
-            tokens = int(np.sum(batch["attention_mask"])) * jax.process_count()
-            t0 = time.time()
-            state, m = par.train_step(state, par.place_batch(batch))
-            step += 1
-            if compile_time is None:
-                jax.block_until_ready(m)
-                compile_time = time.time() - t0
-                t_interval, tokens_interval, steps_interval = time.time(), 0, 0
-            else:
-                tokens_interval += tokens
-                steps_interval += 1
-            record = None
-            if step % cfg.train.log_every == 0 or step == cfg.train.steps:
-                host = {k: float(to_host(v)) for k, v in m.items()}
-                elapsed = time.time() - t_interval
-                record = {**host, "lr": float(schedule(step - 1))}
-                if steps_interval:
-                    step_time = elapsed / steps_interval
-                    step_times.append(step_time)
-                    tps = tokens_interval / elapsed
-                    record.update(step_time=step_time, tokens_per_s=tps)
-                    if cfg.train.peak_flops:
-                        peak = cfg.train.peak_flops * jax.device_count()
-                        record["mfu"] = flops_per_token * tps / peak
-                record.update(
-                    trainable_params=n_trainable,
-                    total_params=n_total,
-                    **metrics_lib.peak_memory_bytes(),
-                )
-                t_interval, tokens_interval, steps_interval = time.time(), 0, 0
-            if cfg.train.eval_every and step % cfg.train.eval_every == 0 and step < cfg.train.steps:
-                last_eval = evaluate(par, state, pipeline, cfg.train.eval_max_batches)
-                record = {**(record or {}), **last_eval}
-            if record is not None:
-                writer.write(step, record)
-            if cfg.train.checkpoint_every and step % cfg.train.checkpoint_every == 0:
-                ckpt.save(par.host_state(state), last_eval)
-            if kill_at and step == int(kill_at):  # test hook: die like a preempted VM
-                os.kill(os.getpid(), signal.SIGKILL)
-            if stop["stop"]:
-                metrics_lib.log(f"SIGTERM: saving a checkpoint at step {step} and exiting")
-                ckpt.save(par.host_state(state), last_eval, force=True)
-                ckpt.close()
-                writer.close()
-                return RunResult({"status": "preempted", "step": step}, model, None, None, pipeline)
-        final_eval = evaluate(par, state, pipeline, cfg.train.eval_max_batches)
+        state, step, stopped, timing = _loop(cfg, setup, state, start, skipped, writer, stop)
+        if stopped:
+            metrics_lib.log(f"{stop.name}: saving a checkpoint at step {step} and exiting")
+            setup.ckpt.save(setup.par.host_state(state), {}, force=True)
+            setup.ckpt.close()
+            status = "preempted" if stop.received == signal.SIGTERM else "interrupted"
+            summary = {"status": status, "signal": stop.name, "step": step}
+            return RunResult(summary, setup.model, None, None, setup.pipeline)
+        final_eval = evaluate(setup.par, state, setup.pipeline, cfg.train.eval_max_batches)
         writer.write(step, final_eval)
-        ckpt.save(par.host_state(state), final_eval)
-        ckpt.close()
+        setup.ckpt.save(setup.par.host_state(state), final_eval)
+        setup.ckpt.close()
     finally:
         writer.close()
-        if previous_handler is not None:
-            signal.signal(signal.SIGTERM, previous_handler)
+        stop.restore()
+    return _finish(cfg, workdir, setup, state, resumed_from, final_eval, timing, t_start)
 
-    host_state = jax.device_get(par.host_state(state))
+
+def _loop(cfg, setup: _Setup, state, start: int, skipped: int, writer, stop: _StopSignals):
+    """Steps from `start` to train.steps: (state, step, stopped by a signal, timing)."""
+    par, pipeline, ckpt, tc = setup.par, setup.pipeline, setup.ckpt, cfg.train
+    timing = metrics_lib.Throughput(setup.flops_per_token, tc.peak_flops)
+    watch = _SkipWatch(int(tc.get("max_consecutive_skips", 0)), skipped)
+    last_eval, step = {}, start
+    while step < tc.steps:
+        batch = pipeline.batch_at(step)
+        tokens = int(np.sum(batch["attention_mask"])) * jax.process_count()
+        t0 = time.time()
+        state, m = par.train_step(state, par.place_batch(batch))
+        step += 1
+        timing.step_done(t0, m, tokens)
+        if watch.push(step, m["skipped"]) or (step == tc.steps and watch.flush()):
+            raise watch.error(ckpt.latest_step())
+        record = None
+        if step % tc.log_every == 0 or step == tc.steps:
+            record = _log_record(m, setup, step, timing)
+        if tc.eval_every and step % tc.eval_every == 0 and step < tc.steps:
+            last_eval = evaluate(par, state, pipeline, tc.eval_max_batches)
+            record = {**(record or {}), **last_eval}
+        if record is not None:
+            writer.write(step, record)
+        if tc.checkpoint_every and step % tc.checkpoint_every == 0:
+            if watch.flush():
+                raise watch.error(ckpt.latest_step())
+            if watch.streak:  # keep the checkpoints from before the skips
+                metrics_lib.log(f"step {step}: no checkpoint while updates are being skipped")
+            else:
+                ckpt.save(par.host_state(state), last_eval)
+        if stop.received is not None:
+            return state, step, True, timing
+    return state, step, False, timing
+
+
+def _log_record(m, setup: _Setup, step: int, timing: metrics_lib.Throughput) -> dict:
+    host = {k: float(to_host(v)) for k, v in m.items()}
+    return {
+        **host,
+        "lr": float(setup.schedule(step - 1)),
+        **timing.record(),
+        "trainable_params": setup.n_trainable,
+        "total_params": setup.n_total,
+        **metrics_lib.peak_memory_bytes(),
+    }
+
+
+def _finish(cfg, workdir, setup: _Setup, state, resumed_from, final_eval, timing, t_start):
+    host_state = jax.device_get(setup.par.host_state(state))
     final_params = peft.combine(host_state.trainable, host_state.frozen)
+    n_trainable, n_total = setup.n_trainable, setup.n_total
     summary = {
         "status": "completed",
         "steps": int(cfg.train.steps),
@@ -276,58 +407,47 @@ def train(cfg, workdir: str, quiet: bool = False) -> RunResult:
         "total_params": int(n_total),
         "trainable_share": n_trainable / max(n_total, 1),
         "skipped_updates": int(host_state.skipped),
-        "compile_time_s": compile_time,
-        "step_time_s": statistics.median(step_times) if step_times else None,
+        "compile_time_s": timing.compile_time,
+        "step_time_s": statistics.median(timing.step_times) if timing.step_times else None,
         "tokens_per_s": _median_metric(workdir, "tokens_per_s"),
-        "flops_per_token": flops_per_token,
+        "flops_per_token": setup.flops_per_token,
         # Weights + gradients + optimizer state: the memory a method decides
         # (activations aside), exact and comparable across runs of one process.
-        "train_state_bytes": train_state_bytes,
+        "train_state_bytes": setup.train_state_bytes,
         "wall_time_s": time.time() - t_start,
         "lr": float(cfg.optim.lr),
-        "data": pipeline.stats,
+        "data": setup.pipeline.stats,
         **metrics_lib.peak_memory_bytes(),
         **final_eval,
     }
     if jax.process_index() == 0:
-        _export(cfg, workdir, model, method, final_params)
-        write_summary(workdir, summary)
-    return RunResult(summary, model, final_params, base_params, pipeline)
+        summary.update(_export(cfg, workdir, setup.model, setup.method, final_params, setup))
+        RunDir(workdir).update_summary(summary)  # merged: keeps a role the sweep set first
+    return RunResult(summary, setup.model, final_params, setup.base_params, setup.pipeline)
 
 
 def _median_metric(workdir, key):
-    path = os.path.join(workdir, "metrics.jsonl")
-    values = []
-    with open(path) as f:
-        for line in f:
-            rec = json.loads(line)
-            if rec.get(key) is not None:
-                values.append(rec[key])
+    values = [r[key] for r in RunDir(workdir).read_metrics() if r.get(key) is not None]
     return statistics.median(values) if values else None
 
 
-def _export(cfg, workdir, model, method, params):
-    if cfg.train.export_adapter and peft.has_adapters(params):
-        peft.save_adapter(model.cfg, params, os.path.join(workdir, "adapter"), method=method)
+def _export(cfg, workdir, model, method, params, setup) -> dict:
+    """The adapter in HF PEFT format (through the method's registry entry) and
+    merged HF weights, as configured. A method that cannot be exported as an
+    adapter is recorded in the summary, not fatal: the run itself finished."""
+    from ftjax.peft import registry
+
+    out = {}
+    spec = registry.get(method.name)
+    if cfg.train.export_adapter and spec.export is not None and peft.has_adapters(params):
+        try:
+            spec.export(model.cfg, params, os.path.join(workdir, "adapter"), method.config,
+                        initial=setup.base_params)  # fmt: skip
+        except peft.AdapterFormatError as e:
+            metrics_lib.log(f"warning: no HF PEFT adapter written: {e}")
+            out["adapter_export_error"] = str(e)
     if cfg.train.export_hf:
         from ftjax.models import save_pretrained
 
         save_pretrained(model, peft.merge(params), os.path.join(workdir, "hf"))
-
-
-def write_summary(workdir: str, summary: dict) -> None:
-    """Atomically: a crash never leaves a half-written summary that the sweep
-    runner would take for a finished run."""
-    path = os.path.join(workdir, "summary.json")
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(summary, f, indent=2, sort_keys=True, default=_json_default)
-    os.replace(tmp, path)
-
-
-def _json_default(x):
-    if hasattr(x, "item"):
-        return x.item()
-    if hasattr(x, "tolist"):
-        return x.tolist()
-    return str(x)
+    return out

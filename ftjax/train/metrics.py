@@ -3,13 +3,14 @@ and the quantities computed for them (FLOPs per token, peak memory)."""
 
 from __future__ import annotations
 
-import json
 import os
 import resource
 import sys
 import time
 
 import jax
+
+from ftjax.rundir import RunDir
 
 
 def train_flops_per_token(n_matmul: int, n_trainable_matmul: int, cfg, seq_len: int) -> float:
@@ -37,6 +38,39 @@ def peak_memory_bytes() -> dict:
     return out
 
 
+class Throughput:
+    """Step time, tokens/s and MFU over the steps since the last log line; the
+    first (compiling) step is timed apart."""
+
+    def __init__(self, flops_per_token: float, peak_flops: float):
+        self.flops_per_token, self.peak_flops = flops_per_token, peak_flops
+        self.compile_time, self.step_times = None, []
+        self._reset()
+
+    def _reset(self):
+        self.t, self.tokens, self.steps = time.time(), 0, 0
+
+    def step_done(self, t0: float, metrics, tokens: int):
+        if self.compile_time is None:
+            jax.block_until_ready(metrics)
+            self.compile_time = time.time() - t0
+            self._reset()
+        else:
+            self.tokens += tokens
+            self.steps += 1
+
+    def record(self) -> dict:
+        out, elapsed = {}, time.time() - self.t
+        if self.steps:
+            step_time, tps = elapsed / self.steps, self.tokens / elapsed
+            self.step_times.append(step_time)
+            out.update(step_time=step_time, tokens_per_s=tps)
+            if self.peak_flops:
+                out["mfu"] = self.flops_per_token * tps / (self.peak_flops * jax.device_count())
+        self._reset()
+        return out
+
+
 class MetricsWriter:
     """Writes each metrics dict to metrics.jsonl (append: resumed runs extend
     the same file), TensorBoard and, on process 0, a progress line."""
@@ -45,7 +79,7 @@ class MetricsWriter:
         self.total = total_steps
         self.is_main = jax.process_index() == 0
         self.quiet = quiet
-        self._jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a") if self.is_main else None
+        self._run = RunDir(workdir) if self.is_main else None
         self._tb = None
         if tensorboard and self.is_main:
             try:
@@ -60,8 +94,7 @@ class MetricsWriter:
         if not self.is_main:
             return
         record = {"step": step, **{k: _plain(v) for k, v in metrics.items()}}
-        self._jsonl.write(json.dumps(record) + "\n")
-        self._jsonl.flush()
+        self._run.append_metrics([record])
         if self._tb is not None:
             for k, v in record.items():
                 if isinstance(v, (int, float)) and k != "step":
@@ -85,8 +118,6 @@ class MetricsWriter:
         return f"[{bar}] {step}/{self.total} {shown} {evals}".rstrip()
 
     def close(self):
-        if self._jsonl:
-            self._jsonl.close()
         if self._tb is not None:
             self._tb.close()
 

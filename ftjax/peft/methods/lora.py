@@ -97,10 +97,11 @@ def adapter_apply(opts, wrap=None, quantized_spec=None, double_quant=True):
 
 
 def export_adapter(model_cfg, params, out_dir, opts, initial=None) -> dict:
-    """HF PEFT adapter files (`ftjax.peft.peft_format`)."""
-    from ftjax.peft.peft_format import save_adapter
+    """HF PEFT adapter files (`ftjax.peft.peft_format.export_adapter`); PiSSA
+    leaves are rewritten as a LoRA over `initial`, the original base."""
+    from ftjax.peft.peft_format import export_adapter as export
 
-    return save_adapter(model_cfg, params, out_dir, method=opts)
+    return export(model_cfg, params, out_dir, method=opts, initial=initial)
 
 
 def _build(opts):
