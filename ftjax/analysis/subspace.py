@@ -15,13 +15,12 @@ factors (r, out), the output-space directions, pass `b.T`.
 
 from __future__ import annotations
 
-import re
-
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from ftjax.models import layers
+from ftjax.models.registry import locate_layer
 
 _HIGHEST = jax.lax.Precision.HIGHEST
 
@@ -67,9 +66,6 @@ def subspace_similarity(x1, x2, i: int | None = None, j: int | None = None) -> f
     return float(grid[i - 1, j - 1])
 
 
-_STACKED = re.compile(r"^(layers|h)$")
-
-
 def adapter_factors(params, factor: str = "a") -> dict[str, np.ndarray]:
     """The (d, r) factor of every LoRA-style leaf (one with `a` and `b`
     attributes), by '/'-joined path; stacked (scanned) layers become one entry
@@ -84,7 +80,8 @@ def adapter_factors(params, factor: str = "a") -> dict[str, np.ndarray]:
         parts = [str(getattr(k, "key", getattr(k, "name", k))) for k in keypath]
         mat = np.asarray(getattr(leaf, factor), np.float32)
         mat = mat if factor == "a" else np.swapaxes(mat, -1, -2)
-        stack = next((n for n, p in enumerate(parts) if _STACKED.match(p)), None)
+        where = locate_layer(parts)
+        stack = where[0] if where and where[1] is None else None
         if mat.ndim == 3 and stack is not None:
             for layer in range(mat.shape[0]):
                 named = parts[:stack] + [f"{parts[stack]}_{layer}"] + parts[stack + 1 :]

@@ -17,12 +17,21 @@ import numpy as np
 
 from ftjax.analysis import spectra
 from ftjax.models import layers
+from ftjax.models.registry import all_families, locate_layer
 
 # Projections only, by default: embeddings and the output head are vocab-sized
 # and are not adapted by the usual PEFT targets ("all-linear" excludes them).
+# Embeddings are `embedding` leaves, so `/kernel$` leaves them out already.
 DEFAULT_INCLUDE = r"/kernel$"
-DEFAULT_EXCLUDE = r"(lm_head|embed_tokens|wte|wpe)"
-_STACKED = re.compile(r"^(layers|h)$")
+# The default `exclude`: the output head of every registered model family.
+DEFAULT_EXCLUDE = "<output heads>"
+
+
+def _exclude_regex(exclude: str | None) -> str | None:
+    if exclude != DEFAULT_EXCLUDE:
+        return exclude
+    heads = sorted({s.output_head.replace(".", "/") for s in all_families()})
+    return r"(^|/)(" + "|".join(re.escape(h) for h in heads) + r")/"
 
 
 def _key_name(k) -> str:
@@ -32,11 +41,14 @@ def _key_name(k) -> str:
 def weight_matrices(
     params, *, include: str = DEFAULT_INCLUDE, exclude: str | None = DEFAULT_EXCLUDE
 ) -> dict[str, np.ndarray]:
-    """Dense float32 matrices by '/'-joined path, one per layer.
+    """Dense float32 matrices by '/'-joined path, one per layer: the paths
+    `include` matches and `exclude` does not (default: every kernel but the
+    model family's output head).
 
     >>> sorted(weight_matrices(params))[:2]
     ['model/layers_0/mlp/down_proj/kernel', 'model/layers_0/mlp/gate_proj/kernel']
     """
+    exclude = _exclude_regex(exclude)
     leaves = jax.tree_util.tree_flatten_with_path(params, is_leaf=layers.is_weight_leaf)[0]
     out = {}
     for keypath, leaf in leaves:
@@ -44,13 +56,14 @@ def weight_matrices(
         path = "/".join(parts)
         if not re.search(include, path) or (exclude and re.search(exclude, path)):
             continue
-        stack = next((n for n, p in enumerate(parts) if _STACKED.match(p)), None)
-        if stack is None:
+        where = locate_layer(parts)
+        if where is None or where[1] is not None:
             out[path] = np.asarray(layers.materialize(leaf), np.float32)
             continue
         # Slice every child of the leaf, then materialize per layer: a weight
         # leaf's children all carry the stacked layer axis.
         num_layers = jax.tree.leaves(leaf)[0].shape[0]
+        stack = where[0]
         for i in range(num_layers):
             one = jax.tree.map(lambda x, i=i: x[i], leaf)
             named = parts[:stack] + [f"{parts[stack]}_{i}"] + parts[stack + 1 :]

@@ -34,13 +34,19 @@ def _op_source(op_name: str) -> str:
     """Where in the program an op comes from, from its HLO metadata: forward or
     backward, and the module path with layer numbers dropped
     (`bwd mlp/gate_proj`); ops outside the model are the loss and the update."""
+    from ftjax.models.registry import layer_containers, locate_layer
+
     model = re.search(r"jvp\((\w+)\)\)?/(.*)", op_name)
     if not model:
         return "loss, clipping, AdamW update"
     phase = "bwd" if "transpose(jvp(" in op_name else "fwd"
-    path = re.sub(r"(^|/)(model|transformer)/", r"\1", model.group(2))
-    path = re.sub(r"(layers|h)_\d+/", "", path)
-    modules = [p for p in path.split("/")[:-1] if not p.startswith("jit(")]  # last: the primitive
+    parts = model.group(2).split("/")
+    where = locate_layer(parts)
+    if where is not None:  # drop the family's layer container and layer (`model/layers_3`)
+        parts = parts[: where[0] - 1] + parts[where[0] + 1 :]
+    elif parts[0] in layer_containers():
+        parts = parts[1:]
+    modules = [p for p in parts[:-1] if not p.startswith("jit(")]  # last: the primitive
     return f"{phase} {'/'.join(modules[:2]) or 'logits'}"
 
 

@@ -2,7 +2,9 @@
 
 It is a frozen dataclass so that it can be a `flax.linen` module attribute and a
 static argument of jitted functions. Family-specific fields are simply unused by
-the other families; `hf.py` translates to and from Hugging Face `config.json`.
+the other families; each family's spec (`ftjax.models.registry.FamilySpec`)
+translates to and from Hugging Face `config.json`, and its `model_type` must be
+a registered one.
 """
 
 from __future__ import annotations
@@ -10,8 +12,9 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
-LLAMA_FAMILY = ("llama", "mistral", "qwen2", "qwen3")
-SUPPORTED_MODEL_TYPES = LLAMA_FAMILY + ("gpt2",)
+from ftjax.errors import ModelError
+from ftjax.models import registry
+
 ATTENTION_KERNELS = ("auto", "block", "xla")
 
 
@@ -49,19 +52,17 @@ class ModelConfig:
     attention: str = "auto"
 
     def __post_init__(self):
-        if self.model_type not in SUPPORTED_MODEL_TYPES:
-            raise ValueError(
-                f"unsupported model_type {self.model_type!r}; supported: "
-                f"{', '.join(SUPPORTED_MODEL_TYPES)}"
-            )
+        family = registry.get_family(self.model_type)
         if self.attention not in ATTENTION_KERNELS:
-            raise ValueError(
+            raise ModelError(
                 f"attention={self.attention!r}; expected one of {', '.join(ATTENTION_KERNELS)}"
             )
         if self.num_heads % self.num_kv_heads:
-            raise ValueError(
+            raise ModelError(
                 f"num_heads={self.num_heads} must be a multiple of num_kv_heads={self.num_kv_heads}"
             )
+        if family.check is not None:
+            family.check(self)
 
     @property
     def head_size(self) -> int:

@@ -12,7 +12,7 @@ import jax
 import jax.numpy as jnp
 
 from ftjax.models import layers
-from ftjax.models.config import LLAMA_FAMILY, ModelConfig
+from ftjax.models.config import ModelConfig
 
 
 class DecoderInputs(NamedTuple):
@@ -36,7 +36,12 @@ def init_kv_cache(cfg: ModelConfig, batch: int, max_len: int, dtype=None) -> dic
     }
 
 
-def decoder_inputs(cfg, input_ids, attention_mask, positions, segment_ids, cache) -> DecoderInputs:
+def decoder_inputs(
+    cfg, input_ids, attention_mask, positions, segment_ids, cache, *, rotary: bool = False
+) -> DecoderInputs:
+    """Mask, positions and cache offsets for one call; with `rotary`, the
+    rotary tables of `cfg.rope_theta`/`cfg.rope_scaling` too (families with
+    learned positions leave them None)."""
     b, t = input_ids.shape
     if attention_mask is not None:
         attention_mask = attention_mask.astype(bool)
@@ -56,7 +61,7 @@ def decoder_inputs(cfg, input_ids, attention_mask, positions, segment_ids, cache
         q_index, kv_index, kv_valid, segment_ids, segment_ids, cfg.sliding_window
     )
     cos = sin = None
-    if cfg.model_type in LLAMA_FAMILY:
+    if rotary:
         inv_freq = layers.rope_inv_freq(cfg.head_size, cfg.rope_theta, cfg.rope_scaling_dict)
         cos, sin = layers.rope_cos_sin(positions, inv_freq)
     return DecoderInputs(mask, positions, cos, sin, index, kv_valid)

@@ -1,9 +1,11 @@
 """Hugging Face checkpoints <-> ftjax: config.json <-> ModelConfig and
-safetensors <-> params, with no torch needed.
+safetensors <-> params, with no torch needed, driven by the family specs
+(`ftjax.models.registry.FamilySpec`).
 
 The mapping is a rename: flax path `model/layers_3/self_attn/q_proj/kernel` is
-HF key `model.layers.3.self_attn.q_proj.weight` (transposed: torch Linear stores
-(out, in)); `scale` is `weight`; GPT-2's Conv1D weights are already (in, out).
+HF key `model.layers.3.self_attn.q_proj.weight`, transposed where the family's
+HF weights are torch `Linear` (out, in) (GPT-2's Conv1D weights are already
+(in, out)); `scale` and `embedding` are `weight`.
 Pickle checkpoints (`pytorch_model.bin`) are refused: unpickling runs code.
 """
 
@@ -20,16 +22,14 @@ import numpy as np
 
 from ftjax.errors import ModelError
 from ftjax.models import layers, safetensors_io
-from ftjax.models.config import SUPPORTED_MODEL_TYPES, ModelConfig, freeze_rope_scaling
-from ftjax.models.registry import build_model, layers_prefix
+from ftjax.models.config import ModelConfig
+from ftjax.models.registry import build_model, get_family, layers_prefix, model_types
 
 log = logging.getLogger(__name__)
 
 WEIGHTS_NAME = "model.safetensors"
 INDEX_NAME = "model.safetensors.index.json"
 PICKLE_NAMES = ("pytorch_model.bin", "pytorch_model.bin.index.json", "model.pt", "model.ckpt")
-# Buffers some checkpoints carry that are not parameters.
-_IGNORED_KEYS = re.compile(r"(rotary_emb\.inv_freq|attn\.bias|attn\.masked_bias)$")
 
 
 _HUB_ID = re.compile(r"[\w.-]+(/[\w.-]+)?")
@@ -42,125 +42,55 @@ class CheckpointError(ModelError):
 # ----------------------------------------------------------------------------- configs
 
 
+class _HFConfig(dict):
+    """A config.json dict whose missing required field (`hf["n_embd"]`) is a
+    CheckpointError naming the file, so that family code indexes plainly."""
+
+    def __init__(self, hf: dict, source: str):
+        super().__init__(hf)
+        self.source = source
+
+    def __missing__(self, key):
+        raise CheckpointError(
+            f"{self.source}: missing field {key!r} for {dict.get(self, 'model_type')}"
+        )
+
+
 def config_from_hf(hf: dict, source: str = "config.json", **options) -> ModelConfig:
     """ModelConfig from a config.json dict; `options` set dtype, scan_layers, ..."""
     model_type = hf.get("model_type")
-    if model_type not in SUPPORTED_MODEL_TYPES:
+    if model_type not in model_types():
         raise CheckpointError(
             f"{source}: unsupported model_type {model_type!r}; supported: "
-            f"{', '.join(SUPPORTED_MODEL_TYPES)}"
+            f"{', '.join(model_types())}"
         )
-    try:
-        if model_type == "gpt2":
-            d = hf["n_embd"]
-            fields = dict(
-                vocab_size=hf["vocab_size"],
-                hidden_size=d,
-                intermediate_size=hf.get("n_inner") or 4 * d,
-                num_layers=hf["n_layer"],
-                num_heads=hf["n_head"],
-                num_kv_heads=hf["n_head"],
-                max_position_embeddings=hf["n_positions"],
-                norm_eps=hf.get("layer_norm_epsilon", 1e-5),
-                hidden_act=hf.get("activation_function", "gelu_new"),
-                tie_word_embeddings=True,
-            )
-        else:
-            rope = dict(hf.get("rope_parameters") or hf.get("rope_scaling") or {})
-            theta = rope.pop("rope_theta", hf.get("rope_theta", 10000.0))
-            if rope.get("rope_type", rope.get("type", "default")) == "default":
-                rope = {}
-            window = hf.get("sliding_window")
-            if model_type in ("qwen2", "qwen3") and not hf.get("use_sliding_window", False):
-                window = None
-            fields = dict(
-                vocab_size=hf["vocab_size"],
-                hidden_size=hf["hidden_size"],
-                intermediate_size=hf["intermediate_size"],
-                num_layers=hf["num_hidden_layers"],
-                num_heads=hf["num_attention_heads"],
-                num_kv_heads=hf.get("num_key_value_heads") or hf["num_attention_heads"],
-                head_dim=hf.get("head_dim"),
-                max_position_embeddings=hf.get("max_position_embeddings", 2048),
-                norm_eps=hf.get("rms_norm_eps", 1e-6),
-                hidden_act=hf.get("hidden_act", "silu"),
-                tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
-                rope_theta=float(theta),
-                rope_scaling=freeze_rope_scaling(rope),
-                attention_bias=model_type == "qwen2" or bool(hf.get("attention_bias", False)),
-                o_proj_bias=model_type != "qwen2" and bool(hf.get("attention_bias", False)),
-                mlp_bias=bool(hf.get("mlp_bias", False)),
-                qk_norm=model_type == "qwen3",
-                sliding_window=window,
-            )
-    except KeyError as e:
-        raise CheckpointError(f"{source}: missing field {e.args[0]!r} for {model_type}") from None
-    return ModelConfig(model_type=model_type, **fields, **options)
+    fields = get_family(model_type).config_from_hf(_HFConfig(hf, source))
+    return ModelConfig(model_type=model_type, **{**fields, **options})
 
 
 def config_to_hf(cfg: ModelConfig) -> dict:
     """The config.json dict that `transformers.AutoConfig` reads back to `cfg`."""
-    if cfg.model_type == "gpt2":
-        return dict(
-            model_type="gpt2",
-            architectures=["GPT2LMHeadModel"],
-            vocab_size=cfg.vocab_size,
-            n_embd=cfg.hidden_size,
-            n_inner=cfg.intermediate_size,
-            n_layer=cfg.num_layers,
-            n_head=cfg.num_heads,
-            n_positions=cfg.max_position_embeddings,
-            layer_norm_epsilon=cfg.norm_eps,
-            activation_function=cfg.hidden_act,
-            tie_word_embeddings=True,
-        )
-    arch = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM"}.get(
-        cfg.model_type, cfg.model_type.capitalize() + "ForCausalLM"
-    )
-    rope = {"rope_type": "default", **(cfg.rope_scaling_dict or {}), "rope_theta": cfg.rope_theta}
-    out = dict(
-        model_type=cfg.model_type,
-        architectures=[arch],
-        vocab_size=cfg.vocab_size,
-        hidden_size=cfg.hidden_size,
-        intermediate_size=cfg.intermediate_size,
-        num_hidden_layers=cfg.num_layers,
-        num_attention_heads=cfg.num_heads,
-        num_key_value_heads=cfg.num_kv_heads,
-        head_dim=cfg.head_size,
-        max_position_embeddings=cfg.max_position_embeddings,
-        rms_norm_eps=cfg.norm_eps,
-        hidden_act=cfg.hidden_act,
-        tie_word_embeddings=cfg.tie_word_embeddings,
-        rope_theta=cfg.rope_theta,
-        rope_parameters=rope,
-        rope_scaling=None if rope["rope_type"] == "default" else rope,
-        sliding_window=cfg.sliding_window,
-    )
-    if cfg.model_type in ("llama", "mistral"):
-        out.update(attention_bias=cfg.o_proj_bias, mlp_bias=cfg.mlp_bias)
-    if cfg.model_type in ("qwen2", "qwen3"):
-        out["use_sliding_window"] = cfg.sliding_window is not None
-    if cfg.model_type == "qwen3":
-        out["attention_bias"] = cfg.attention_bias
-    return out
+    return get_family(cfg.model_type).config_to_hf(cfg)
 
 
 # ----------------------------------------------------------------------------- names
 
 
 def hf_name(cfg: ModelConfig, path: tuple[str, ...]) -> tuple[str, bool]:
-    """(HF tensor name, whether the tensor is transposed) for an unscanned flax path."""
-    container, layer = layers_prefix(cfg)
+    """(HF tensor name, whether the tensor is transposed) for an unscanned flax path.
+
+    >>> hf_name(ModelConfig(), ("model", "layers_3", "self_attn", "q_proj", "kernel"))
+    ('model.layers.3.self_attn.q_proj.weight', True)
+    """
+    spec = get_family(cfg.model_type)
+    layer = spec.layers[1]
     parts = []
     for p in path[:-1]:
-        m = re.fullmatch(rf"{layer}_(\d+)", p)
+        m = re.fullmatch(rf"{re.escape(layer)}_(\d+)", p)
         parts.extend([layer, m.group(1)] if m else [p])
     leaf = path[-1]
     parts.append("bias" if leaf == "bias" else "weight")
-    transpose = leaf == "kernel" and cfg.model_type != "gpt2"
-    del container
-    return ".".join(parts), transpose
+    return ".".join(parts), leaf == "kernel" and spec.transpose_kernels
 
 
 def abstract_params(cfg: ModelConfig):
@@ -213,11 +143,12 @@ def unstack_layers(cfg: ModelConfig, params: dict) -> dict:
 
 def params_from_tensors(cfg: ModelConfig, tensors: dict, source: str) -> dict:
     """Builds the params tree from HF-named tensors, checking every shape."""
+    family = get_family(cfg.model_type)
     flat_cfg = cfg.replace(scan_layers=False)
     expected = dict(_flatten(abstract_params(flat_cfg)))
-    # GPT-2 checkpoints exist both with and without the `transformer.` prefix.
-    if cfg.model_type == "gpt2" and not any(k.startswith("transformer.") for k in tensors):
-        tensors = {f"transformer.{k}": v for k, v in tensors.items()}
+    prefix = family.bare_prefix
+    if prefix and not any(k.startswith(prefix) for k in tensors):
+        tensors = {f"{prefix}{k}": v for k, v in tensors.items()}
     used = set()
     flat = {}
     dtype = jnp.dtype(cfg.param_dtype)
@@ -238,12 +169,13 @@ def params_from_tensors(cfg: ModelConfig, tensors: dict, source: str) -> dict:
         arr = np.asarray(arr)
         flat[path] = jnp.asarray(arr.T if transpose else arr, dtype)
         used.add(name)
+    tied_copy = f"{family.output_head}.weight" if cfg.tie_word_embeddings else None
     extra = [
         k
         for k in tensors
         if k not in used
-        and not _IGNORED_KEYS.search(k)
-        and not (cfg.tie_word_embeddings and k == "lm_head.weight")
+        and not (family.ignored_keys and re.search(family.ignored_keys, k))
+        and k != tied_copy
     ]
     if extra:
         log.warning("%s: ignoring %d unexpected tensors, e.g. %s", source, len(extra), extra[:3])
@@ -354,10 +286,10 @@ def from_pretrained(
     scan_layers: bool = False,
     remat: bool = False,
 ):
-    """Loads a HF checkpoint as `(model, params)`.
+    """Loads a HF checkpoint (a local directory or a hub id) as `(model, params)`:
 
-    >>> model, params = from_pretrained("path/to/llama", dtype="bfloat16")
-    >>> logits = model.apply({"params": params}, input_ids)
+    model, params = from_pretrained("path/to/llama", dtype="bfloat16")
+    logits = model.apply({"params": params}, input_ids)
     """
     ckpt_dir = resolve_dir(path_or_hub_id)
     hf = read_config(ckpt_dir)

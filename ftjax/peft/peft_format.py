@@ -37,6 +37,7 @@ import numpy as np
 from ftjax.models import safetensors_io
 from ftjax.models.config import ModelConfig
 from ftjax.models.hf import hf_name, stack_layers, unstack_layers
+from ftjax.models.registry import get_family
 from ftjax.peft.base import AdapterFormatError, PeftError, flatten_paths, is_leaf, path_str
 from ftjax.peft.dora import DoraWeight
 from ftjax.peft.lora import MERGED_MODES, LoraWeight, lora_scale, pissa_to_lora_leaf
@@ -156,7 +157,7 @@ def adapter_state(
         "init_lora_weights": True,
         "bias": "none",
         # GPT-2's Conv1D stores (in, out); PEFT must know to transpose its delta.
-        "fan_in_fan_out": cfg.model_type == "gpt2",
+        "fan_in_fan_out": get_family(cfg.model_type).fan_in_fan_out,
         "modules_to_save": None,
         "rank_pattern": {},
         "alpha_pattern": {},

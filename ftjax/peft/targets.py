@@ -4,14 +4,17 @@ Paths look like `model/layers_3/self_attn/q_proj/kernel` (unscanned) or
 `model/layers/self_attn/q_proj/kernel` (scanned). A `targets` spec is one of
 
 - a preset: `qv` (the LoRA paper), `attention`, `mlp`, `all-linear` (every
-  projection except the embedding and the output head);
+  projection except the embedding and the output head), whose module names
+  each model family declares in its spec (`FamilySpec.targets`);
 - a list of module names, e.g. `["q_proj", "v_proj"]` or `["attn/c_attn"]`,
   matched as the path components just before `/kernel` (what HF PEFT's
   `target_modules` list means);
 - any other string: a regex, searched (`re.search`) in each candidate path.
 
 Only kernels are candidates (paths ending in `/kernel` with at least two
-dimensions), so `"q_proj"` never selects a bias.
+dimensions), so `"q_proj"` never selects a bias. A params tree does not carry
+its config, so a preset is resolved through the registered family whose layer
+stack and projections the tree has (`registry.families_of`).
 
 GPT-2 fuses q, k and v into one `c_attn` projection, so its `qv` and its
 `attention` presets both adapt `c_attn` (what HF PEFT does for GPT-2). A
@@ -24,44 +27,46 @@ from __future__ import annotations
 import re
 from collections.abc import Sequence
 
+from ftjax.models import registry
 from ftjax.peft.base import TargetError, flatten_paths, is_leaf
 
-_LLAMA = {
-    "qv": ("q_proj", "v_proj"),
-    "attention": ("q_proj", "k_proj", "v_proj", "o_proj"),
-    "mlp": ("gate_proj", "up_proj", "down_proj"),
-}
-_GPT2 = {
-    "qv": ("attn/c_attn",),
-    "attention": ("attn/c_attn", "attn/c_proj"),
-    "mlp": ("mlp/c_fc", "mlp/c_proj"),
-}
-PRESETS = {
-    "llama": {**_LLAMA, "all-linear": _LLAMA["attention"] + _LLAMA["mlp"]},
-    "gpt2": {**_GPT2, "all-linear": _GPT2["attention"] + _GPT2["mlp"]},
-}
-PRESET_NAMES = tuple(PRESETS["llama"])
+PRESET_NAMES = registry.TARGET_PRESETS
 
 
-def family(params) -> str:
-    """`gpt2` or `llama` (the Llama/Mistral/Qwen family), from the tree's top keys."""
-    return "gpt2" if "transformer" in params else "llama"
+def family(params, field: str = "method.targets") -> registry.FamilySpec:
+    """The registered model family a params tree belongs to (its presets)."""
+    found = registry.families_of(kernel_paths(params))
+    if not found:
+        top = ", ".join(sorted(params)) if isinstance(params, dict) else type(params).__name__
+        raise TargetError(
+            f"{field}: the params (top-level keys: {top}) match no registered model family "
+            f"({', '.join(registry.model_types())}), so a preset cannot be resolved; "
+            "name the module names instead, e.g. ['q_proj', 'v_proj']"
+        )
+    if len({tuple(sorted(s.targets.items())) for s in found}) > 1:
+        raise TargetError(
+            f"{field}: the params fit several model families with different presets "
+            f"({', '.join(s.name for s in found)}); name the module names instead"
+        )
+    return found[0]
 
 
-def module_names(params, targets) -> tuple[str, ...] | None:
+def module_names(params, targets, field: str = "method.targets") -> tuple[str, ...] | None:
     """The module names a preset or list stands for (None for a regex)."""
     if isinstance(targets, str):
-        return PRESETS[family(params)].get(targets)
+        if targets not in PRESET_NAMES:
+            return None
+        return tuple(family(params, field).targets[targets])
     return tuple(targets)
 
 
-def pattern(params, targets) -> str:
+def pattern(params, targets, field: str = "method.targets") -> str:
     """The regex a `targets` spec stands for."""
-    names = module_names(params, targets)
+    names = module_names(params, targets, field)
     if names is None:
         return targets
     if not names:
-        raise TargetError("method.targets: the list of module names is empty")
+        raise TargetError(f"{field}: the list of module names is empty")
     return r"(^|/)(" + "|".join(re.escape(n) for n in names) + r")/kernel$"
 
 
@@ -128,7 +133,7 @@ def select(params, targets, *, field: str = "method.targets", plain_only: bool =
     ]
     if not isinstance(targets, str):
         _check_entries(targets, kernel_paths(params), field)
-    regex = compile_regex(pattern(params, targets), field)
+    regex = compile_regex(pattern(params, targets, field), field)
     chosen = [p for p in candidates if regex.search(p)]
     if not chosen:
         raise TargetError(

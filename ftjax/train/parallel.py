@@ -8,7 +8,9 @@ Modes (`parallel.mode`):
   tensor  a (`data`, `model`) mesh; Megatron-style rules shard the output
           features of q/k/v/gate/up (c_attn, c_fc) and the input features of
           o/down (c_proj) over `model`, so attention heads and the MLP hidden
-          dimension are split; the batch is sharded over `data`.
+          dimension are split; the batch is sharded over `data`. Each model
+          family names those modules in its spec (`column_parallel`,
+          `row_parallel`).
   pmap    data-parallel `jax.pmap`; gradients summed with `lax.psum`.
 
 All modes compute the same numbers (tests check it on 8 simulated CPU
@@ -19,18 +21,16 @@ process passes only its own rows of the global batch to `place_batch`.
 from __future__ import annotations
 
 import functools
-import re
 
 import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from ftjax.models.registry import FamilySpec, get_family, module_regex
 from ftjax.train.step import StepConfig, TrainState, eval_step, train_step
 
 MODES = ("single", "data", "fsdp", "tensor", "pmap")
-_COLUMN = re.compile(r"(q_proj|k_proj|v_proj|gate_proj|up_proj|c_attn|c_fc)\b")
-_ROW = re.compile(r"(o_proj|down_proj|attn/c_proj|mlp/c_proj)\b")
 
 
 def _path(keypath) -> str:
@@ -54,14 +54,17 @@ def fsdp_spec(shape, n: int, axis: str = "data") -> P:
     return P()
 
 
-def tensor_spec(path: str, shape, n: int, axis: str = "model") -> P:
-    """Megatron rules by parameter path; any child of an adapter leaf follows
-    its kernel's rule on the axis it shares with the kernel (last for column,
+def tensor_spec(path: str, shape, n: int, family: FamilySpec, axis: str = "model") -> P:
+    """Megatron rules by parameter path, from the family's `column_parallel`
+    and `row_parallel` module names; any child of an adapter leaf follows its
+    kernel's rule on the axis it shares with the kernel (last for column,
     second-to-last for row), which GSPMD keeps correct for every child."""
     dims = [None] * len(shape)
-    if _COLUMN.search(path) and shape and shape[-1] % n == 0:
+    column = module_regex(tuple(family.column_parallel))
+    row = module_regex(tuple(family.row_parallel))
+    if column.search(path) and shape and shape[-1] % n == 0:
         dims[-1] = axis
-    elif _ROW.search(path) and len(shape) >= 2 and shape[-2] % n == 0 and "bias" not in path:
+    elif row.search(path) and len(shape) >= 2 and shape[-2] % n == 0 and "bias" not in path:
         dims[-2] = axis
     return P(*dims)
 
@@ -128,7 +131,8 @@ class Parallel:
         if self.mode == "fsdp":
             return fsdp_spec(shape, self.mesh.shape["data"])
         if self.mode == "tensor":
-            return tensor_spec(_path(keypath), shape, self.mesh.shape["model"])
+            family = get_family(self.model.cfg.model_type)
+            return tensor_spec(_path(keypath), shape, self.mesh.shape["model"], family)
         return P()
 
     def state_sharding(self, state):

@@ -3,15 +3,12 @@ last `last_layers` decoder layers, train; everything else is frozen."""
 
 from __future__ import annotations
 
-import re
 from collections.abc import Sequence
 
+from ftjax.models.registry import locate_layer
 from ftjax.peft import targets as targets_lib
 from ftjax.peft.base import PeftError
 from ftjax.peft.registry import MethodSpec, Option, register
-
-_LAYER_INDEX = re.compile(r"(^|/)(layers|h)_(\d+)/")
-_STACKED = re.compile(r"(^|/)(layers|h)/")
 
 
 def _check(opts):
@@ -25,11 +22,14 @@ def _check(opts):
 
 
 def _last_layers(paths: Sequence[str], k: int) -> set[str]:
-    found = [int(m.group(3)) for p in paths if (m := _LAYER_INDEX.search(p))]
+    """The paths in the last k decoder layers (the layer stack each model
+    family declares in its spec)."""
+    where = {p: loc for p in paths if (loc := locate_layer(p.split("/")))}
+    found = [index for _, index in where.values() if index is not None]
     if not found:
         hint = (
             " (the layers are stacked: load with scan_layers=False to freeze per layer)"
-            if any(_STACKED.search(p) for p in paths)
+            if where
             else ""
         )
         raise PeftError(f"method.last_layers: no numbered decoder layers found{hint}")
@@ -37,7 +37,7 @@ def _last_layers(paths: Sequence[str], k: int) -> set[str]:
     if not 0 < k <= n:
         raise PeftError(f"method.last_layers: {k} is not in [1, {n}] (the model has {n})")
     keep = set(range(n - k, n))
-    return {p for p in paths if (m := _LAYER_INDEX.search(p)) and int(m.group(3)) in keep}
+    return {p for p, (_, index) in where.items() if index in keep}
 
 
 def _build(opts):

@@ -1,17 +1,20 @@
 """The Llama decoder family in one config-driven module: Llama 2, Llama 3/3.1
 (with `llama3` rope scaling), Mistral (sliding window), Qwen2 (q/k/v biases),
-Qwen3 (q/k RMSNorm). Parameter names follow the Hugging Face module names so
-that `hf.py`'s mapping reads as a rename.
+Qwen3 (q/k RMSNorm). Parameter names follow the Hugging Face module names, so
+the spec's name mapping is a rename; HF `Linear` weights are (out, in).
 """
 
 from __future__ import annotations
+
+from collections.abc import Mapping
 
 import flax.linen as nn
 import jax.numpy as jnp
 
 from ftjax.models import layers
-from ftjax.models.config import ModelConfig
+from ftjax.models.config import ModelConfig, freeze_rope_scaling
 from ftjax.models.decoder import DecoderInputs, apply_layers, decoder_inputs, finish_cache
+from ftjax.models.registry import FamilySpec, register_family
 
 
 def _linear(cfg: ModelConfig, features: int, use_bias: bool, name: str) -> layers.Linear:
@@ -114,7 +117,9 @@ class LlamaForCausalLM(nn.Module):
         deterministic: bool = True,
     ):
         cfg = self.cfg
-        inputs = decoder_inputs(cfg, input_ids, attention_mask, positions, segment_ids, cache)
+        inputs = decoder_inputs(
+            cfg, input_ids, attention_mask, positions, segment_ids, cache, rotary=True
+        )
         model = LlamaModel(cfg, name="model")
         x, new_cache = model(input_ids, inputs, cache, deterministic)
         if cfg.tie_word_embeddings:
@@ -126,3 +131,114 @@ class LlamaForCausalLM(nn.Module):
         if cache is None:
             return logits
         return logits, finish_cache(cache, new_cache, inputs, input_ids.shape[1])
+
+
+# ----------------------------------------------------------------------------- HF config
+
+_ARCHITECTURES = {
+    "llama": "LlamaForCausalLM",
+    "mistral": "MistralForCausalLM",
+    "qwen2": "Qwen2ForCausalLM",
+    "qwen3": "Qwen3ForCausalLM",
+}
+
+
+def rope_from_hf(hf: Mapping) -> tuple[float, tuple | None]:
+    """(rope_theta, hashable rope_scaling) from either transformers layout
+    (`rope_parameters`, or the older `rope_theta` + `rope_scaling`)."""
+    rope = dict(hf.get("rope_parameters") or hf.get("rope_scaling") or {})
+    theta = rope.pop("rope_theta", hf.get("rope_theta", 10000.0))
+    if rope.get("rope_type", rope.get("type", "default")) == "default":
+        rope = {}
+    return float(theta), freeze_rope_scaling(rope)
+
+
+def rope_to_hf(cfg: ModelConfig) -> dict:
+    """The rope fields of config.json, in both transformers layouts."""
+    rope = {"rope_type": "default", **(cfg.rope_scaling_dict or {}), "rope_theta": cfg.rope_theta}
+    return dict(
+        rope_theta=cfg.rope_theta,
+        rope_parameters=rope,
+        rope_scaling=None if rope["rope_type"] == "default" else rope,
+    )
+
+
+def config_from_hf(hf: Mapping) -> dict:
+    model_type = hf["model_type"]
+    window = hf.get("sliding_window")
+    if model_type in ("qwen2", "qwen3") and not hf.get("use_sliding_window", False):
+        window = None
+    theta, scaling = rope_from_hf(hf)
+    return dict(
+        vocab_size=hf["vocab_size"],
+        hidden_size=hf["hidden_size"],
+        intermediate_size=hf["intermediate_size"],
+        num_layers=hf["num_hidden_layers"],
+        num_heads=hf["num_attention_heads"],
+        num_kv_heads=hf.get("num_key_value_heads") or hf["num_attention_heads"],
+        head_dim=hf.get("head_dim"),
+        max_position_embeddings=hf.get("max_position_embeddings", 2048),
+        norm_eps=hf.get("rms_norm_eps", 1e-6),
+        hidden_act=hf.get("hidden_act", "silu"),
+        tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
+        rope_theta=theta,
+        rope_scaling=scaling,
+        # Qwen2 always has q/k/v biases and no o_proj bias; Llama's
+        # `attention_bias` puts a bias on all four.
+        attention_bias=model_type == "qwen2" or bool(hf.get("attention_bias", False)),
+        o_proj_bias=model_type != "qwen2" and bool(hf.get("attention_bias", False)),
+        mlp_bias=bool(hf.get("mlp_bias", False)),
+        qk_norm=model_type == "qwen3",
+        sliding_window=window,
+    )
+
+
+def config_to_hf(cfg: ModelConfig) -> dict:
+    out = dict(
+        model_type=cfg.model_type,
+        architectures=[_ARCHITECTURES[cfg.model_type]],
+        vocab_size=cfg.vocab_size,
+        hidden_size=cfg.hidden_size,
+        intermediate_size=cfg.intermediate_size,
+        num_hidden_layers=cfg.num_layers,
+        num_attention_heads=cfg.num_heads,
+        num_key_value_heads=cfg.num_kv_heads,
+        head_dim=cfg.head_size,
+        max_position_embeddings=cfg.max_position_embeddings,
+        rms_norm_eps=cfg.norm_eps,
+        hidden_act=cfg.hidden_act,
+        tie_word_embeddings=cfg.tie_word_embeddings,
+        sliding_window=cfg.sliding_window,
+        **rope_to_hf(cfg),
+    )
+    if cfg.model_type in ("llama", "mistral"):
+        out.update(attention_bias=cfg.o_proj_bias, mlp_bias=cfg.mlp_bias)
+    if cfg.model_type in ("qwen2", "qwen3"):
+        out["use_sliding_window"] = cfg.sliding_window is not None
+    if cfg.model_type == "qwen3":
+        out["attention_bias"] = cfg.attention_bias
+    return out
+
+
+_ATTENTION = ("q_proj", "k_proj", "v_proj", "o_proj")
+_MLP = ("gate_proj", "up_proj", "down_proj")
+
+SPEC = register_family(
+    FamilySpec(
+        name="llama",
+        model_types=tuple(_ARCHITECTURES),
+        module=LlamaForCausalLM,
+        config_from_hf=config_from_hf,
+        config_to_hf=config_to_hf,
+        layers=("model", "layers"),
+        targets={
+            "qv": ("q_proj", "v_proj"),
+            "attention": _ATTENTION,
+            "mlp": _MLP,
+            "all-linear": _ATTENTION + _MLP,
+        },
+        column_parallel=("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj"),
+        row_parallel=("o_proj", "down_proj"),
+        ignored_keys=r"rotary_emb\.inv_freq$",
+    )
+)

@@ -2,16 +2,20 @@
 fused q/k/v projection (`c_attn`), output head tied to the token embedding.
 
 HF stores GPT-2's projections as Conv1D weights of shape (in, out), which is
-already the flax kernel layout."""
+already the flax kernel layout (HF PEFT's `fan_in_fan_out`)."""
 
 from __future__ import annotations
+
+from collections.abc import Mapping
 
 import flax.linen as nn
 import jax.numpy as jnp
 
+from ftjax.errors import ModelError
 from ftjax.models import layers
 from ftjax.models.config import ModelConfig
 from ftjax.models.decoder import DecoderInputs, apply_layers, decoder_inputs, finish_cache
+from ftjax.models.registry import FamilySpec, register_family
 
 
 def _linear(cfg: ModelConfig, features: int, name: str) -> layers.Linear:
@@ -105,3 +109,73 @@ class GPT2LMHeadModel(nn.Module):
         if cache is None:
             return logits
         return logits, finish_cache(cache, new_cache, inputs, input_ids.shape[1])
+
+
+# ----------------------------------------------------------------------------- HF config
+
+
+def config_from_hf(hf: Mapping) -> dict:
+    d = hf["n_embd"]
+    return dict(
+        vocab_size=hf["vocab_size"],
+        hidden_size=d,
+        intermediate_size=hf.get("n_inner") or 4 * d,
+        num_layers=hf["n_layer"],
+        num_heads=hf["n_head"],
+        num_kv_heads=hf["n_head"],
+        max_position_embeddings=hf["n_positions"],
+        norm_eps=hf.get("layer_norm_epsilon", 1e-5),
+        hidden_act=hf.get("activation_function", "gelu_new"),
+        tie_word_embeddings=True,
+    )
+
+
+def config_to_hf(cfg: ModelConfig) -> dict:
+    return dict(
+        model_type="gpt2",
+        architectures=["GPT2LMHeadModel"],
+        vocab_size=cfg.vocab_size,
+        n_embd=cfg.hidden_size,
+        n_inner=cfg.intermediate_size,
+        n_layer=cfg.num_layers,
+        n_head=cfg.num_heads,
+        n_positions=cfg.max_position_embeddings,
+        layer_norm_epsilon=cfg.norm_eps,
+        activation_function=cfg.hidden_act,
+        tie_word_embeddings=True,
+    )
+
+
+def check(cfg: ModelConfig) -> None:
+    if cfg.num_kv_heads != cfg.num_heads:
+        raise ModelError(
+            f"model_type='gpt2' has no grouped-query attention: num_kv_heads={cfg.num_kv_heads} "
+            f"must equal num_heads={cfg.num_heads}"
+        )
+
+
+SPEC = register_family(
+    FamilySpec(
+        name="gpt2",
+        model_types=("gpt2",),
+        module=GPT2LMHeadModel,
+        config_from_hf=config_from_hf,
+        config_to_hf=config_to_hf,
+        layers=("transformer", "h"),
+        # q, k and v are one fused `c_attn` projection, so `qv` and `attention`
+        # both adapt it (as HF PEFT does for GPT-2); `c_proj` is in both blocks.
+        targets={
+            "qv": ("attn/c_attn",),
+            "attention": ("attn/c_attn", "attn/c_proj"),
+            "mlp": ("mlp/c_fc", "mlp/c_proj"),
+            "all-linear": ("attn/c_attn", "attn/c_proj", "mlp/c_fc", "mlp/c_proj"),
+        },
+        column_parallel=("attn/c_attn", "mlp/c_fc"),
+        row_parallel=("attn/c_proj", "mlp/c_proj"),
+        transpose_kernels=False,
+        # Checkpoints of the bare GPT2Model (the hub's `gpt2`) lack `transformer.`.
+        bare_prefix="transformer.",
+        ignored_keys=r"attn\.(bias|masked_bias)$",
+        check=check,
+    )
+)

@@ -1,0 +1,162 @@
+"""docs/models.md's "Adding a model family" block, run as it stands: the
+family it defines (Starcoder2, which ftjax does not ship) must match
+`transformers` to 1e-4, round-trip through save_pretrained/from_pretrained,
+and train through the normal config machinery with its own presets, its
+adapter loading in HF PEFT with the same logits."""
+
+import dataclasses
+import importlib.util
+import os
+import re
+import sys
+import types
+
+import jax
+import numpy as np
+import pytest
+import torch
+import transformers
+from hf_fixtures import torch_logits
+
+from ftjax import peft
+from ftjax.models import ModelConfig, build_model, from_pretrained, registry, save_pretrained
+from ftjax.peft.base import flatten_paths
+from ftjax.train import train
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+DOC = os.path.join(ROOT, "docs", "models.md")
+QUICK = os.path.join(ROOT, "experiments", "quick", "train.py")
+
+
+def doc_block() -> str:
+    """The one python block of the "Adding a model family" section."""
+    with open(DOC, encoding="utf-8") as f:
+        section = f.read().split("## Adding a model family", 1)[1].split("\n## ", 1)[0]
+    blocks = re.findall(r"```python\n(.*?)```", section, re.S)
+    assert len(blocks) == 1, "the section must hold exactly one python block"
+    return blocks[0]
+
+
+@pytest.fixture(scope="module")
+def family():
+    """The doc's module, executed as a module of its own; the registry is
+    restored afterwards so that other tests in this process never see it."""
+    saved = dict(registry._FAMILIES)
+    module = types.ModuleType("docs_models_example")
+    sys.modules[module.__name__] = module
+    try:
+        exec(compile(doc_block(), DOC, "exec"), module.__dict__)
+        yield module
+    finally:
+        registry._FAMILIES.clear()
+        registry._FAMILIES.update(saved)
+        del sys.modules[module.__name__]
+
+
+def tiny_torch_model(seed=0):
+    config = transformers.Starcoder2Config(
+        vocab_size=97,
+        hidden_size=32,
+        intermediate_size=48,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=128,
+        attn_implementation="eager",
+    )
+    torch.manual_seed(seed)
+    model = transformers.AutoModelForCausalLM.from_config(config)
+    with torch.no_grad():  # random (not zero) biases and norms, so parity exercises them
+        for name, p in model.named_parameters():
+            if name.endswith("bias") or "norm" in name:
+                p.add_(0.1 * torch.randn_like(p))
+    return model.eval()
+
+
+def _inputs():
+    rng = np.random.default_rng(0)
+    ids = rng.integers(0, 97, (2, 12))
+    mask = np.ones((2, 12), np.int64)
+    mask[1, :4] = 0  # left padding
+    return ids, mask
+
+
+def test_doc_family_is_registered(family):
+    spec = registry.get_family("starcoder2")
+    assert spec is family.STARCODER2 and "starcoder2" in registry.model_types()
+    with pytest.raises(ValueError, match="'starcoder2' is already registered"):
+        registry.register_family(dataclasses.replace(spec, name="other"))
+
+
+@pytest.mark.parametrize("scan", [False, True])
+def test_doc_family_matches_transformers_and_round_trips(family, scan, tmp_path):
+    ids, mask = _inputs()
+    torch_model = tiny_torch_model()
+    torch_model.save_pretrained(str(tmp_path / "hf"))
+    model, params = from_pretrained(str(tmp_path / "hf"), scan_layers=scan)
+    assert type(model) is family.Starcoder2ForCausalLM
+    np.testing.assert_allclose(
+        np.asarray(model.apply({"params": params}, ids)), torch_logits(torch_model, ids), atol=1e-4
+    )
+    got = np.asarray(model.apply({"params": params}, ids, attention_mask=mask))
+    valid = mask.astype(bool)
+    np.testing.assert_allclose(got[valid], torch_logits(torch_model, ids, mask)[valid], atol=1e-4)
+
+    save_pretrained(model, params, str(tmp_path / "out"))
+    reloaded = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path / "out")).eval()
+    assert type(reloaded).__name__ == "Starcoder2ForCausalLM"
+    want = np.asarray(model.apply({"params": params}, ids))
+    np.testing.assert_allclose(torch_logits(reloaded, ids), want, atol=1e-4)
+    _, params2 = from_pretrained(str(tmp_path / "out"), scan_layers=scan)
+    jax.tree.map(np.testing.assert_array_equal, params, params2)
+
+
+def test_doc_family_check_refuses_mixed_biases(family):
+    with pytest.raises(ValueError, match="attention_bias, o_proj_bias and mlp_bias must be equal"):
+        ModelConfig(model_type="starcoder2", attention_bias=True)
+
+
+def _quick_config():
+    spec = importlib.util.spec_from_file_location("quick_train", QUICK)
+    quick = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(quick)
+    cfg = quick.get_config("method=lora,rank=4")
+    cfg.method.targets = "all-linear"
+    cfg.model.init.model_type = "starcoder2"
+    cfg.train.export_hf = True
+    return cfg
+
+
+def test_doc_family_trains_through_the_config_machinery(family, tmp_path):
+    from peft import PeftModel
+
+    cfg = _quick_config()
+    result = train(cfg, str(tmp_path / "run"), quiet=True)
+    assert type(result.model) is family.Starcoder2ForCausalLM
+    assert result.summary["status"] == "completed" and result.summary["steps"] == cfg.train.steps
+    # The family's own `all-linear` preset: Starcoder2's c_fc/c_proj, not Llama's gate/up/down.
+    adapted = sorted(p for p, x in flatten_paths(result.params) if isinstance(x, peft.LoraWeight))
+    modules = ["mlp/c_fc", "mlp/c_proj"] + [f"self_attn/{m}_proj" for m in "koqv"]
+    assert adapted == [f"model/layers_{i}/{m}/kernel" for i in range(2) for m in modules]
+    # r * (in + out) per adapted kernel: q, o 32->32; k, v 32->16; c_fc 32->64; c_proj 64->32.
+    assert result.summary["trainable_params"] == 2 * 4 * (64 + 48 + 48 + 64 + 96 + 96)
+    leaf = dict(flatten_paths(result.params))[adapted[0]]
+    assert np.abs(np.asarray(leaf.b)).max() > 0  # trained: b starts at zero
+
+    ids = np.random.default_rng(1).integers(0, cfg.model.init.vocab_size, (2, 10))
+    want = np.asarray(result.model.apply({"params": peft.merge(result.params)}, ids))
+    # The merged export reloads in transformers ...
+    merged = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path / "run" / "hf"))
+    np.testing.assert_allclose(torch_logits(merged.eval(), ids), want, atol=1e-4)
+    # ... and the adapter loads in HF PEFT over the base weights with the same logits.
+    save_pretrained(result.model, result.base_params, str(tmp_path / "base"))
+    base = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path / "base"))
+    adapted_torch = PeftModel.from_pretrained(base, str(tmp_path / "run" / "adapter")).eval()
+    np.testing.assert_allclose(torch_logits(adapted_torch, ids), want, atol=1e-4)
+
+
+def test_random_init_builds_without_a_checkpoint(family):
+    cfg = ModelConfig(model_type="starcoder2", vocab_size=50, num_layers=1)
+    params = build_model(cfg).init(jax.random.key(0), np.zeros((1, 3), np.int32))["params"]
+    assert set(params["model"]) == {"embed_tokens", "layers_0", "norm"}
+    assert set(params["model"]["layers_0"]["mlp"]) == {"c_fc", "c_proj"}
