@@ -126,6 +126,13 @@ def register(spec: MethodSpec, *, replace: bool = False) -> MethodSpec:
     return spec
 
 
+def unregister(name: str) -> None:
+    """Removes a method and every study preset of it (tests of user methods)."""
+    _METHODS.pop(name, None)
+    for key in [k for k, p in _PRESETS.items() if p.method == name]:
+        del _PRESETS[key]
+
+
 def register_preset(name: str, method: str, options: Mapping[str, Any], lr_scale: float) -> None:
     """A named study preset of a registered method (`pissa` -> LoRA, init=pissa)."""
     get(method)
