@@ -25,28 +25,11 @@ flags.mark_flags_as_required(["workdir"])
 
 def main(argv):
     del argv
-    from ftjax.data import build_pipeline
-    from ftjax.study import RunDir, default_eval_config, evaluate_run, write_json_atomic
-    from ftjax.train.loop import RunResult
-    from ftjax.train.restore import load_base_model, load_run_config, restore_run
+    from ftjax.study.checkpoints import evaluate_checkpoint
 
-    cfg = load_run_config(_WORKDIR.value)
-    if "eval" not in cfg:
-        cfg.eval = default_eval_config()
-    if _BASE_ONLY.value:  # the base comes from the config: no checkpoint needed
-        model, base = load_base_model(cfg)
-        params, step = base, None
-        cfg.eval.analysis = False
-    else:
-        model, params, base, step = restore_run(cfg, _WORKDIR.value, _CHECKPOINT.value)
-    pipeline = build_pipeline(cfg.data)
-    out_dir = os.path.dirname(_OUT.value) if _OUT.value else _WORKDIR.value
-    result = RunResult({"checkpoint_step": step}, model, params, base, pipeline)
-    metrics = evaluate_run(result, cfg, out_dir or ".", update_summary=False,
-                           extra={"checkpoint_step": step})  # fmt: skip
-    path = _OUT.value or RunDir(_WORKDIR.value).file("eval.json")
-    if os.path.basename(path) != "eval.json":  # evaluate_run wrote <out_dir>/eval.json
-        write_json_atomic(path, metrics)
+    metrics, path = evaluate_checkpoint(
+        _WORKDIR.value, _CHECKPOINT.value, base_only=_BASE_ONLY.value, out=_OUT.value
+    )
     shown = {k: round(v, 4) for k, v in metrics.items() if isinstance(v, float) and "/" in k}
     print(json.dumps(shown, indent=1))
     print(f"eval: {path}")

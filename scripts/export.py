@@ -22,24 +22,14 @@ flags.mark_flags_as_required(["workdir", "out"])
 
 def main(argv):
     del argv
-    from ftjax import peft
-    from ftjax.models import save_pretrained
-    from ftjax.peft import registry
-    from ftjax.train.restore import load_run_config, restore_run
+    from ftjax.study.checkpoints import export_checkpoint
 
-    cfg = load_run_config(_WORKDIR.value)
-    model, params, base_params, step = restore_run(cfg, _WORKDIR.value, _CHECKPOINT.value)
-    hf_dir = os.path.join(_OUT.value, "hf")
-    save_pretrained(model, peft.merge(params), hf_dir, dtype=_DTYPE.value or None)
-    print(f"merged weights (step {step}): {hf_dir}")
-    spec = registry.get(cfg.method.name)
-    if spec.export is None:
-        print(f"no HF PEFT adapter: {spec.no_export}")
-    elif peft.has_adapters(params):
-        adapter_dir = os.path.join(_OUT.value, "adapter")
-        method = registry.resolve_config(cfg.method)
-        spec.export(model.cfg, params, adapter_dir, method, initial=base_params)
-        print(f"HF PEFT adapter: {adapter_dir}")
+    written = export_checkpoint(_WORKDIR.value, _OUT.value, _CHECKPOINT.value, _DTYPE.value)
+    print(f"merged weights (step {written['step']}): {written['hf']}")
+    if "adapter" in written:
+        print(f"HF PEFT adapter: {written['adapter']}")
+    elif "no_adapter" in written:
+        print(f"no HF PEFT adapter: {written['no_adapter']}")
 
 
 if __name__ == "__main__":
