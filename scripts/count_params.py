@@ -29,100 +29,10 @@ _WORKDIR = flags.DEFINE_string(
 flags.mark_flags_as_required(["config"])
 
 
-def model_config(setting, name: str = "setting"):
-    from ftjax.errors import ConfigError
-    from ftjax.models import ModelConfig
-    from ftjax.models.hf import config_from_hf, read_config
-
-    if setting.get("hf_config"):
-        path = setting["hf_config"]
-        return config_from_hf(read_config(os.path.dirname(path) or "."), path, scan_layers=True)
-    if not setting.get("model"):
-        raise ConfigError(f"{name}: no 'model' (ModelConfig fields) or 'hf_config'; expected one")
-    # Scanned layers trace one layer instead of all: the counts are identical.
-    try:
-        return ModelConfig(**{**dict(setting["model"]), "scan_layers": True})
-    except TypeError as e:
-        raise ConfigError(f"{name}.model: {e}; expected ModelConfig fields") from None
-
-
-def count_setting(setting, name: str = "setting") -> tuple[int, int]:
-    """(trainable, total) for one setting, from shapes only."""
-    import jax
-
-    from ftjax import peft
-    from ftjax.errors import ConfigError
-    from ftjax.models.hf import abstract_params
-
-    cfg = model_config(setting, name)
-    if not setting.get("method"):
-        raise ConfigError(f"{name}: no 'method' (a PEFT method config); expected one")
-    method = peft.build_method(setting["method"])
-    abstract = abstract_params(cfg)
-    adapted = jax.eval_shape(lambda p: method.apply(p, jax.random.key(0)), abstract)
-    return method.count(adapted)
-
-
-def training_settings(config) -> tuple[dict, list[str]]:
-    """A training config as one counting setting: its model and its method."""
-    from ftjax.errors import ConfigError
-
-    mcfg, method = config.model, config.method.to_dict()
-    if mcfg.get("checkpoint"):
-        ckpt = mcfg.checkpoint
-        if not os.path.isdir(ckpt):
-            raise ConfigError(
-                f"model.checkpoint={ckpt!r}: count_params reads config.json from a local "
-                "checkpoint directory; expected a directory"
-            )
-        model = {"hf_config": os.path.join(ckpt, "config.json")}
-    else:
-        model = {"model": mcfg.init.to_dict()}
-    name = method.get("name", "method")
-    return {name: {"title": f"{name} (training config)", "method": method, **model}}, [name]
-
-
-def table(config) -> tuple[str, list[str]]:
-    """The markdown table and the names of rows that missed their expected count."""
-    from ftjax.errors import ConfigError
-
-    keys = set(config.keys())
-    if {"settings", "rows"} <= keys:
-        settings = {k: v.to_dict() for k, v in config.settings.items()}
-        rows = [r.strip() for r in config.rows.split(",") if r.strip()]
-    elif {"model", "method"} <= keys:
-        settings, rows = training_settings(config)
-    else:
-        raise ConfigError(
-            f"--config: has fields {', '.join(sorted(keys)) or '(none)'}; expected a counting "
-            "config (settings + rows, e.g. experiments/lora_paper/param_counts.py) or a "
-            "training config (model + method)"
-        )
-    lines = [
-        "| setting | trainable | expected | paper | total | trainable % |",
-        "|---|---:|---:|---:|---:|---:|",
-    ]
-    missed = []
-    for name in rows:
-        if name not in settings:
-            raise ConfigError(f"rows: unknown setting {name!r}; known: {', '.join(settings)}")
-        setting = settings[name]
-        trainable, total = count_setting(setting, f"settings.{name}")
-        expected = setting.get("expected")
-        mark = ""
-        if expected is not None and trainable != expected:
-            mark = " (MISMATCH)"
-            missed.append(name)
-        lines.append(
-            f"| {setting.get('title', name)} | {trainable:,}{mark} | "
-            f"{'' if expected is None else f'{expected:,}'} | {setting.get('paper', '')} | "
-            f"{total:,} | {100.0 * trainable / total:.4f} |"
-        )
-    return "\n".join(lines), missed
-
-
 def main(argv):
     del argv
+    from ftjax.study.param_counts import table
+
     text, missed = table(_CONFIG.value)
     print(text)
     if _WORKDIR.value:
