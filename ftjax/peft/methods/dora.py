@@ -5,15 +5,8 @@ times the normalized adapted direction."""
 from __future__ import annotations
 
 from ftjax.peft.dora import from_lora
-from ftjax.peft.methods.lora import (
-    LORA_OPTIONS,
-    LORA_STUDY,
-    adapter_apply,
-    check_lora_options,
-    describe_lora,
-    export_adapter,
-)
-from ftjax.peft.registry import MethodSpec, register
+from ftjax.peft.methods.lora import adapter_apply, lora_family_spec
+from ftjax.peft.registry import register
 
 
 def _build(opts):
@@ -21,15 +14,7 @@ def _build(opts):
 
 
 SPEC = register(
-    MethodSpec(
-        name="dora",
-        options=LORA_OPTIONS,
-        build=_build,
-        check=check_lora_options,
-        describe=describe_lora,
-        study=LORA_STUDY,
-        lr_scale=10.0,
-        export=export_adapter,
-        doc="weight-decomposed LoRA: magnitude x normalized (W + s a@b)",
+    lora_family_spec(
+        "dora", _build, doc="weight-decomposed LoRA: magnitude x normalized (W + s a@b)"
     )
 )

@@ -108,17 +108,25 @@ def _build(opts):
     return adapter_apply(opts), (lambda paths: set())
 
 
-SPEC = register(
-    MethodSpec(
-        name="lora",
-        options=LORA_OPTIONS,
-        build=_build,
+def lora_family_spec(name: str, build, options=LORA_OPTIONS, doc: str = "") -> MethodSpec:
+    """The spec of a LoRA-family method (LoRA, DoRA, QLoRA): LoRA's checks,
+    label, study preset and HF PEFT export, its own options and leaves."""
+    return MethodSpec(
+        name=name,
+        options=options,
+        build=build,
         check=check_lora_options,
         describe=describe_lora,
         study=LORA_STUDY,
         lr_scale=10.0,
         export=export_adapter,
-        doc="low-rank adapters y += s * x @ a @ b on the targeted kernels",
+        doc=doc,
+    )
+
+
+SPEC = register(
+    lora_family_spec(
+        "lora", _build, doc="low-rank adapters y += s * x @ a @ b on the targeted kernels"
     )
 )
 register_preset("pissa", "lora", {**LORA_STUDY, "alpha": 16.0, "init": "pissa"}, lr_scale=2.0)

@@ -5,15 +5,8 @@ which kernels' bases become NF4 (default all linear layers);
 
 from __future__ import annotations
 
-from ftjax.peft.methods.lora import (
-    LORA_OPTIONS,
-    LORA_STUDY,
-    adapter_apply,
-    check_lora_options,
-    describe_lora,
-    export_adapter,
-)
-from ftjax.peft.registry import MethodSpec, Option, parse_bool, register
+from ftjax.peft.methods.lora import LORA_OPTIONS, adapter_apply, lora_family_spec
+from ftjax.peft.registry import Option, parse_bool, register
 
 OPTIONS = {
     **LORA_OPTIONS,
@@ -28,16 +21,4 @@ def _build(opts):
     return apply, (lambda paths: set())
 
 
-SPEC = register(
-    MethodSpec(
-        name="qlora",
-        options=OPTIONS,
-        build=_build,
-        check=check_lora_options,
-        describe=describe_lora,
-        study=LORA_STUDY,
-        lr_scale=10.0,
-        export=export_adapter,
-        doc="LoRA over an NF4-quantized base",
-    )
-)
+SPEC = register(lora_family_spec("qlora", _build, OPTIONS, doc="LoRA over an NF4-quantized base"))
