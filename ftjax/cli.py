@@ -7,10 +7,12 @@ from __future__ import annotations
 import re
 import sys
 
-# Errors that mean "the input is wrong", as opposed to a bug in ftjax.
-from ftjax.errors import FtjaxError  # noqa: E402
+from ftjax.errors import FtjaxError
 
-USER_ERRORS = (FtjaxError, ValueError, OSError, KeyError, TypeError, AttributeError)
+# Errors that mean "the input is wrong": printed as one `error:` line. Any
+# other exception is a bug (in ftjax or in an experiment file) and keeps its
+# traceback; code that turns user input into an OS call converts its OSError.
+USER_ERRORS = (FtjaxError,)
 
 
 def one_line(e: BaseException) -> str:
@@ -53,8 +55,11 @@ def check_override_path(cfg, path: str, name: str = "config") -> str | None:
     """The one-line error for an override `--config.<path>` that names no field
     of `cfg` (None when it names one).
 
-    >>> check_override_path(cfg, "optimm.lr")
-    "--config.optimm.lr: the config has no field 'optimm' (sections: data, model, ...)"
+    >>> from ftjax.train import default_config
+    >>> check_override_path(default_config(), "optimm.lr")
+    "--config.optimm.lr: the config has no field 'optimm' (...); did you mean 'optim'?"
+    >>> check_override_path(default_config(), "optim.lr") is None
+    True
     """
     import difflib
 
@@ -107,12 +112,30 @@ def _override_error(argv) -> str | None:
     return None
 
 
+def _config_file_error() -> str | None:
+    """ml_collections defers a config file that cannot be read (missing, a
+    directory, an OSError in its get_config) to the first use of the flag's
+    value: the one line saying so, found now, or None."""
+    from absl import flags
+
+    try:
+        from ml_collections.config_flags.config_flags import _ErrorConfig
+    except ImportError:  # another ml_collections layout: the error comes at first use
+        return None
+    for name in list(flags.FLAGS):
+        value = flags.FLAGS[name].value
+        if isinstance(value, _ErrorConfig):
+            error = value.__dict__.get("_error")
+            return f"--{name}: {one_line(error) if error is not None else 'cannot be loaded'}"
+    return None
+
+
 def parse_flags(argv):
     """absl's flag parsing, with one `error:` line instead of a usage dump."""
     from absl import flags
 
     try:
-        return flags.FLAGS(argv)
+        parsed = flags.FLAGS(argv)
     except Exception as e:  # any failure here is bad input: flags or config file
         msg = None
         if isinstance(e, (KeyError, AttributeError, ValueError, flags.Error)):
@@ -123,6 +146,11 @@ def parse_flags(argv):
                 msg += " (no such field in the config)"
         print(f"error: {msg}", file=sys.stderr)
         sys.exit(2)
+    msg = _config_file_error()
+    if msg:
+        print(f"error: {msg}", file=sys.stderr)
+        sys.exit(2)
+    return parsed
 
 
 def quiet_libraries() -> None:
@@ -160,6 +188,8 @@ def enable_compilation_cache() -> None:
 
 
 def run_main(main_fn, argv) -> None:
+    """Runs `main_fn(argv)`; an `FtjaxError` becomes `error: <its message>` on
+    stderr and exit status 2, anything else propagates with its traceback."""
     quiet_libraries()
     enable_compilation_cache()
     try:

@@ -3,7 +3,10 @@ method in one place, the cached synthetic suite and the suite studies' common
 config. The evaluation a study runs after training lives in
 `ftjax.study.evaluate`.
 
->>> cfg = with_method(default_config(), "method=lora,rank=16,targets=all-linear")
+>>> arg = parse_arg("method=lora,rank=16,targets=all-linear")
+>>> cfg = with_method(default_config(), arg.pop("method"), arg)
+>>> cfg.method.name, cfg.method.rank, cfg.method.targets
+('lora', 16, 'all-linear')
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ import tempfile
 import ml_collections
 
 from ftjax.errors import ConfigError
+from ftjax.rundir import make_dirs
 from ftjax.study.evaluate import (
     default_eval_config,
     # Transitional: scripts/sweep.py and scripts/evaluate.py still import it from
@@ -87,7 +91,7 @@ def ensure_suite(
     )
     final = os.path.join(root or cache_dir(), "suites", key)
     if not os.path.exists(os.path.join(final, "done")):
-        os.makedirs(os.path.dirname(final), exist_ok=True)
+        make_dirs(os.path.dirname(final), "the suite cache (FTJAX_CACHE)")
         tmp = tempfile.mkdtemp(dir=os.path.dirname(final), prefix=".tmp-")
         write_suite(tmp, seed, label_noise=label_noise, **sizes)
         build_char_tokenizer(os.path.join(tmp, "tokenizer"))

@@ -15,8 +15,11 @@ read and dropped by `truncate_metrics_after`, which a resumed run calls with
 its checkpoint's step so that the steps it replays are logged once.
 
 >>> run = RunDir("runs/one")
+>>> run.is_finished()
+False
 >>> run.write_summary({"status": "completed", "steps": 100})
 >>> run.update_summary({"final/target/exact_match": 0.5})
+{'status': 'completed', 'steps': 100, 'final/target/exact_match': 0.5}
 >>> run.is_finished()
 True
 """
@@ -48,9 +51,25 @@ def json_default(x):
     return str(x)
 
 
+def make_dirs(path: str, what: str = "") -> str:
+    """Creates directory `path` (and its parents), or raises a RunDirError
+    naming it (`what`, e.g. "--out", prefixes the path) and why it cannot be."""
+    where = f"{what}={path}" if what else path
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise RunDirError(f"{where}: is a file; expected a directory")
+    try:
+        os.makedirs(path, exist_ok=True)
+    except OSError as e:
+        raise RunDirError(
+            f"{where}: cannot create it ({e.strerror or e}); expected a writable path"
+        ) from None
+    return path
+
+
 def write_text_atomic(path: str, text: str) -> None:
     """`text` at `path`: written to a temporary file beside it, flushed to
-    disk, then renamed over `path`; readers see the old file or the new one."""
+    disk, then renamed over `path`; readers see the old file or the new one.
+    A path that cannot be written is a RunDirError naming it."""
     tmp = f"{path}.tmp{os.getpid()}"
     try:
         with open(tmp, "w") as f:
@@ -58,6 +77,8 @@ def write_text_atomic(path: str, text: str) -> None:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
+    except OSError as e:
+        raise RunDirError(f"{path}: cannot write it ({e.strerror or e})") from None
     finally:
         if os.path.exists(tmp):  # the write failed: leave no stray file
             os.remove(tmp)
@@ -100,7 +121,7 @@ class RunDir:
     def _makedirs(self) -> None:
         if os.path.exists(self.path) and not os.path.isdir(self.path):
             raise RunDirError(f"{self.path}: is a file; expected a run directory")
-        os.makedirs(self.path, exist_ok=True)
+        make_dirs(self.path)
 
     # ------------------------------------------------------------------------- JSON files
 

@@ -20,6 +20,8 @@ from _cli import parse_flags, run_main  # noqa: E402
 from absl import app, flags  # noqa: E402
 
 from ftjax import bench  # noqa: E402  (stdlib and numpy only: frameworks load in workers)
+from ftjax.errors import ConfigError  # noqa: E402
+from ftjax.rundir import make_dirs, write_text_atomic  # noqa: E402
 
 D = bench.BenchConfig()
 _PRESET = flags.DEFINE_string("preset", D.preset, "Model size: tiny, quick, 30m, 100m, 1b.")
@@ -75,10 +77,10 @@ def main(argv):
             setattr(cfg, name, flag.value)
     unknown = sorted(set(_METHODS.value) - set(bench.METHODS))
     if unknown:
-        raise ValueError(f"--methods: unknown {unknown[0]!r}; known: {', '.join(bench.METHODS)}")
+        raise ConfigError(f"--methods: unknown {unknown[0]!r}; known: {', '.join(bench.METHODS)}")
     cfg.model_fields()  # validates the preset
     if cfg.steps < 1 or cfg.batch < 1 or cfg.seq < 2:
-        raise ValueError("--steps, --batch must be >= 1 and --seq >= 2")
+        raise ConfigError("--steps, --batch must be >= 1 and --seq >= 2")
     cfg.methods = tuple(_METHODS.value)
     cfg.rank, cfg.dtype, cfg.param_dtype = _RANK.value, _DTYPE.value, _PARAM_DTYPE.value
     cfg.peak_flops, cfg.torch, cfg.inference = _PEAK.value, _TORCH.value, _INFER.value
@@ -87,6 +89,8 @@ def main(argv):
     cfg.xla_flags = _XLA.value
     cfg.variants = tuple(_VARIANTS.value)
     bench.job_specs(cfg)  # validates the variants before any worker starts
+    if _OUT.value:  # a bad --out fails now, not after the measurements
+        make_dirs(os.path.dirname(os.path.abspath(_OUT.value)), "--out")
 
     results = bench.run(cfg)
     results["command"] = " ".join(["python"] + sys.argv)
@@ -94,11 +98,8 @@ def main(argv):
     print(table)
     print(f"(benchmark wall time {results['wall_s']:.0f}s)")
     if _OUT.value:
-        os.makedirs(os.path.dirname(os.path.abspath(_OUT.value)), exist_ok=True)
-        with open(_OUT.value, "w") as f:
-            json.dump(results, f, indent=1)
-        with open(_OUT.value + ".md", "w") as f:
-            f.write(f"`{results['command']}`\n\n{table}\n")
+        write_text_atomic(_OUT.value, json.dumps(results, indent=1))
+        write_text_atomic(_OUT.value + ".md", f"`{results['command']}`\n\n{table}\n")
         print(f"wrote {_OUT.value} and {_OUT.value}.md")
 
 

@@ -31,14 +31,15 @@ flags.mark_flags_as_required(["config"])
 
 def main(argv):
     del argv
+    from ftjax.rundir import make_dirs, write_text_atomic
     from ftjax.study.param_counts import table
 
+    if _WORKDIR.value:
+        make_dirs(_WORKDIR.value, "--workdir")
     text, missed = table(_CONFIG.value)
     print(text)
     if _WORKDIR.value:
-        os.makedirs(_WORKDIR.value, exist_ok=True)
-        with open(os.path.join(_WORKDIR.value, "param_counts.md"), "w") as f:
-            f.write(text + "\n")
+        write_text_atomic(os.path.join(_WORKDIR.value, "param_counts.md"), text + "\n")
     if missed:
         print(f"error: counts differ from expected for {', '.join(missed)}", file=sys.stderr)
         sys.exit(1)

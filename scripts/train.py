@@ -25,8 +25,9 @@ flags.mark_flags_as_required(["config", "workdir"])
 
 def main(argv):
     del argv
-    from ftjax.train import train
+    from ftjax.train import train, validate_run_config
 
+    validate_run_config(_CONFIG.value)  # the whole config, before any model or data loads
     try:
         result = train(_CONFIG.value, _WORKDIR.value)
     except KeyboardInterrupt:

@@ -1,16 +1,43 @@
-"""Tiny random Hugging Face models built and saved locally (no download).
+"""Helpers shared by the tests (plain functions; nothing is downloaded).
 
-`save_tiny(family, tmp_path)` returns the directory of a checkpoint written
-with `transformers`' own `save_pretrained`, so loading it goes through exactly
-the path a downloaded checkpoint takes."""
+- `save_tiny(family, tmp_path)` returns the directory of a random Hugging Face
+  checkpoint written with `transformers`' own `save_pretrained`, so loading it
+  goes through exactly the path a downloaded checkpoint takes; `build_tiny`
+  returns the PyTorch model, `torch_base` loads one, `torch_logits` runs it.
+- `tiny_model(model_type)` is a random ftjax model and its params, drawn with
+  numpy rather than `model.init`: compiling the init's random-number programs
+  costs seconds on a CPU, the numpy draw milliseconds.
+- `log_probs64(model, params, ids)`: float64 reference log-probabilities.
+- `LowRankLeaf` / `low_rank_adapt`: a minimal weight leaf `w + a @ b` written
+  here (not ftjax.peft's), for code that must accept any weight leaf.
+- `char_tokenizer()` is a fast tokenizer with one token per character over the
+  same `VOCAB` ids.
+- `run_script(name, *args)` runs `scripts/<name>` in a subprocess as a user
+  would (one CPU device); `assert_one_error_line` checks a refused command.
+- `write_jsonl(path, rows)` writes a JSON-lines data file.
+
+The shared fixtures (`tok`, the synthetic suite's character tokenizer, and
+`tiny_checkpoint(family)`, a `save_tiny` directory per session) are in conftest.py.
+"""
 
 from __future__ import annotations
 
+import functools
+import json
+import os
+import subprocess
+import sys
+
+import jax
 import numpy as np
 import torch
 import transformers
+from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
 
-VOCAB = 97
+from ftjax.models import ModelConfig, build_model
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+VOCAB = 97  # <eos> + 95 printable ASCII characters + newline (char_tokenizer)
 
 _COMMON = dict(
     vocab_size=VOCAB,
@@ -68,6 +95,11 @@ def save_tiny(family: str, out_dir, seed: int = 0) -> str:
     return str(out_dir)
 
 
+def torch_base(path):
+    """The float32 PyTorch model of the checkpoint at `path`, in eval mode."""
+    return transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+
+
 def torch_logits(model, input_ids: np.ndarray, attention_mask: np.ndarray | None = None):
     with torch.no_grad():
         kwargs = {}
@@ -75,3 +107,156 @@ def torch_logits(model, input_ids: np.ndarray, attention_mask: np.ndarray | None
             kwargs["attention_mask"] = torch.tensor(attention_mask)
         out = model(torch.tensor(input_ids), **kwargs)
     return out.logits.float().numpy()
+
+
+def random_params(model, seed: int = 0, logit_scale: float = 40.0):
+    """Random params of `model`'s shapes: norm scales near 1, small biases, and
+    weights of std 0.02, except the embedding and output head, scaled up so
+    that the logits are spread (greedy choices not decided by rounding)."""
+    rng = np.random.default_rng(seed)
+    shapes = jax.eval_shape(model.init, jax.random.key(0), np.zeros((1, 4), np.int32))["params"]
+
+    def draw(path, spec):
+        name = "/".join(str(getattr(k, "key", k)) for k in path)
+        noise = rng.normal(0.0, 1.0, spec.shape).astype(np.float32)
+        if name.endswith("scale"):
+            return 1.0 + 0.1 * noise
+        if name.endswith("bias"):
+            return 0.1 * noise
+        std = 0.02 * (logit_scale if any(s in name for s in ("embed", "wte", "lm_head")) else 1)
+        return std * noise
+
+    return jax.tree_util.tree_map_with_path(draw, shapes)
+
+
+@functools.cache
+def tiny_model(model_type: str = "llama", scan: bool = False, seed: int = 0, max_len: int = 64):
+    """(model, params) of a 2-layer random ftjax model over the character vocabulary."""
+    cfg = ModelConfig(
+        model_type=model_type,
+        vocab_size=VOCAB,
+        hidden_size=32,
+        intermediate_size=48,
+        num_layers=2,
+        num_heads=4,
+        num_kv_heads=2 if model_type == "llama" else 4,
+        max_position_embeddings=max_len,
+        scan_layers=scan,
+    )
+    model = build_model(cfg)
+    return model, random_params(model, seed)
+
+
+@jax.tree_util.register_pytree_node_class
+class LowRankLeaf:
+    """A minimal weight leaf (w + a @ b), standing in for ftjax.peft's LoRA."""
+
+    def __init__(self, w, a, b):
+        self.w, self.a, self.b = w, a, b
+
+    def apply_linear(self, x, *, dtype, rng):
+        return x @ self.w.astype(dtype) + (x @ self.a.astype(dtype)) @ self.b.astype(dtype)
+
+    def materialize(self, dtype=None):
+        out = self.w + self.a @ self.b
+        return out if dtype is None else out.astype(dtype)
+
+    def tree_flatten(self):
+        return (self.w, self.a, self.b), None
+
+    @classmethod
+    def tree_unflatten(cls, _, children):
+        return cls(*children)
+
+
+def low_rank_adapt(params, rank, seed=0, targets=("q_proj", "v_proj"), a_std=1.0, b_std=0.05):
+    """`params` with each kernel whose path names one of `targets` replaced by
+    a `LowRankLeaf` with random float32 factors."""
+    rng = np.random.default_rng(seed)
+
+    def leaf(path, x):
+        if not any(t in str(path) for t in targets):
+            return x
+        a = rng.normal(0, a_std, (x.shape[0], rank)).astype(np.float32)
+        b = rng.normal(0, b_std, (rank, x.shape[1])).astype(np.float32)
+        return LowRankLeaf(x, a, b)
+
+    return jax.tree_util.tree_map_with_path(leaf, params)
+
+
+_forward = jax.jit(
+    lambda model, params, ids: model.apply({"params": params}, ids), static_argnums=0
+)
+
+
+def log_probs64(model, params, ids, width: int = 64) -> np.ndarray:
+    """float64 log-probabilities `(len(ids), vocab)` of a full forward pass over
+    one sequence: an independent reference for the scoring code. The sequence
+    is right-padded to `width` (invisible to causal attention), so that one
+    program compiles."""
+    padded = np.zeros((1, width), np.int32)
+    padded[0, : len(ids)] = ids
+    logits = np.asarray(_forward(model, params, padded), np.float64)[0, : len(ids)]
+    logits -= logits.max(-1, keepdims=True)
+    return logits - np.log(np.exp(logits).sum(-1, keepdims=True))
+
+
+def char_tokenizer():
+    """A Hugging Face fast tokenizer with one token per character; id 0 is
+    <eos> (also the pad token), no BOS."""
+    chars = [chr(c) for c in range(32, 127)] + ["\n"]
+    vocab = {"<eos>": 0, **{c: i + 1 for i, c in enumerate(chars)}}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<eos>"))
+    tok.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")
+    tok.decoder = decoders.Fuse()
+    return transformers.PreTrainedTokenizerFast(
+        tokenizer_object=tok, eos_token="<eos>", pad_token="<eos>"
+    )
+
+
+def write_jsonl(path, rows) -> str:
+    """Writes `rows` (dicts) as JSON lines to `path`; returns it as a string."""
+    with open(path, "w", encoding="utf-8") as f:
+        f.writelines(json.dumps(r) + "\n" for r in rows)
+    return str(path)
+
+
+def script_env(**extra) -> dict:
+    """The environment of a user's run: without the tests' eight simulated
+    devices (one CPU device, so runs in different processes are bit-exact)."""
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    return {**env, **extra}
+
+
+def script_cmd(name: str, *args) -> list[str]:
+    return [sys.executable, os.path.join(ROOT, "scripts", name), *map(str, args)]
+
+
+def run_script(name: str, *args, check: bool = False, timeout: float = 600, env=None, cwd=None):
+    """`scripts/<name> args...` to completion (`env`: extra variables); with
+    `check`, a non-zero exit fails the test with the script's output."""
+    proc = subprocess.run(
+        script_cmd(name, *args),
+        env=script_env(**(env or {})),
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+    if check and proc.returncode != 0:
+        raise AssertionError(
+            f"{name} failed ({proc.returncode}):\n{proc.stdout[-2000:]}\n{proc.stderr[-3000:]}"
+        )
+    return proc
+
+
+def assert_one_error_line(proc, *fragments) -> str:
+    """The process was refused as a user error: exit status 2, no traceback,
+    and a last line `error: ...` holding every fragment. Returns that line."""
+    lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert lines and lines[-1].startswith("error: "), proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    for fragment in fragments:
+        assert fragment in lines[-1], lines[-1]
+    return lines[-1]

@@ -7,7 +7,7 @@ import json
 import jax
 import numpy as np
 import pytest
-from test_eval_helpers import tiny_model
+from hf_fixtures import LowRankLeaf, low_rank_adapt, tiny_model
 
 from ftjax.analysis import (
     adapter_subspace_similarity,
@@ -139,43 +139,9 @@ def test_subspace_similarity_known_values():
         subspace_similarity(a, a, 9, 1)
 
 
-@jax.tree_util.register_pytree_node_class
-class _Lora:
-    """A minimal LoRA leaf (w + a @ b), standing in for ftjax.peft's."""
-
-    def __init__(self, w, a, b):
-        self.w, self.a, self.b = w, a, b
-
-    def apply_linear(self, x, *, dtype, rng):
-        return x @ self.w + (x @ self.a) @ self.b
-
-    def materialize(self, dtype=None):
-        return self.w + self.a @ self.b
-
-    def tree_flatten(self):
-        return (self.w, self.a, self.b), None
-
-    @classmethod
-    def tree_unflatten(cls, _, children):
-        return cls(*children)
-
-
-def _adapt(params, rank, seed, targets=("q_proj", "v_proj")):
-    rng = np.random.default_rng(seed)
-
-    def leaf(path, x):
-        if not any(t in str(path) for t in targets):
-            return x
-        a = rng.normal(0, 1.0, (x.shape[0], rank)).astype(np.float32)
-        b = rng.normal(0, 0.05, (rank, x.shape[1])).astype(np.float32)
-        return _Lora(x, a, b)
-
-    return jax.tree_util.tree_map_with_path(leaf, params)
-
-
 def test_analyze_update_on_adapter_params_scanned_or_not():
     model, base = tiny_model("llama")
-    tuned = _adapt(base, rank=2, seed=0)
+    tuned = low_rank_adapt(base, rank=2, seed=0)
     report = analyze_update(base, tuned, k=4)
     names = sorted(report["per_matrix"])
     assert names == sorted(
@@ -201,16 +167,44 @@ def test_analyze_update_on_adapter_params_scanned_or_not():
     assert set(weight_matrices(stack_layers(cfg, base))) == set(weight_matrices(base))
 
 
+def _phi_numpy(a1, a2, i, j):
+    """||U1[:, :i]^T U2[:, :j]||_F^2 / min(i, j), U the left singular vectors."""
+    u1 = np.linalg.svd(np.asarray(a1, np.float64), full_matrices=False)[0][:, :i]
+    u2 = np.linalg.svd(np.asarray(a2, np.float64), full_matrices=False)[0][:, :j]
+    return float(np.sum((u1.T @ u2) ** 2) / min(i, j))
+
+
+def weight_leaves(params):
+    """('/'-joined path, leaf) of every LowRankLeaf, in tree order."""
+    flat = jax.tree_util.tree_flatten_with_path(
+        params, is_leaf=lambda x: isinstance(x, LowRankLeaf)
+    )[0]
+    return [
+        ("/".join(str(k.key) for k in path), leaf)
+        for path, leaf in flat
+        if isinstance(leaf, LowRankLeaf)
+    ]
+
+
 def test_adapter_subspace_similarity_between_runs():
     _, base = tiny_model("llama")
-    run = _adapt(base, rank=4, seed=0)
+    run = low_rank_adapt(base, rank=4, seed=0)
     same = adapter_subspace_similarity(run, run)
     assert same["mean"] == pytest.approx(1.0, abs=1e-5) and len(same["per_matrix"]) == 4
-    other = adapter_subspace_similarity(run, _adapt(base, rank=4, seed=1), i=1, j=1)
-    assert 0.0 <= other["mean"] < 0.5
+    run2 = low_rank_adapt(base, rank=4, seed=1)
+    other = adapter_subspace_similarity(run2, run, i=1, j=2)
+    # Against the LoRA paper's definition (its eq. 4) in float64 numpy, per matrix.
+    leaves = {
+        name: (x.a, y.a)
+        for (name, x), (_, y) in zip(weight_leaves(run2), weight_leaves(run), strict=True)
+    }
+    want = {name: _phi_numpy(a1, a2, 1, 2) for name, (a1, a2) in leaves.items()}
+    assert other["per_matrix"] == pytest.approx(want, abs=1e-5)
+    assert other["mean"] == pytest.approx(np.mean(list(want.values())), abs=1e-5)
+    assert other["mean"] < 0.5  # two random subspaces of R^32 barely overlap
     scanned = adapter_subspace_similarity(stack_layers(tiny_model("llama")[0].cfg, run), run)
     assert scanned["per_matrix"].keys() == same["per_matrix"].keys()
     with pytest.raises(ValueError, match=r"adapt different matrices"):
-        adapter_subspace_similarity(run, _adapt(base, 4, 0, targets=("q_proj",)))
+        adapter_subspace_similarity(run, low_rank_adapt(base, 4, 0, targets=("q_proj",)))
     with pytest.raises(ValueError, match=r"no adapter leaves"):
         adapter_subspace_similarity(base, run)

@@ -2,26 +2,18 @@
 model), the batch at step N is a pure function of N, processes get disjoint
 slices that form the global batch, and eval batches cover each example once."""
 
-import json
-
 import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from hf_fixtures import write_jsonl
 
 from ftjax import data
 from ftjax.data.errors import DataError
-from ftjax.data.synthetic import build_char_tokenizer
-from ftjax.data.tokenize import load_tokenizer
 from ftjax.models import ModelConfig, build_model
 
 SEQ = 64
-
-
-@pytest.fixture(scope="module")
-def tok(tmp_path_factory):
-    return load_tokenizer(build_char_tokenizer(str(tmp_path_factory.mktemp("tok"))))
 
 
 @pytest.fixture(scope="module")
@@ -34,9 +26,7 @@ def files(tmp_path_factory):
         for i in range(n):
             word = "".join(rng.choice(list("abcdefgh"), size=rng.integers(2, 9)))
             rows.append({"prompt": f"{name}{i}:{word}=", "completion": word[::-1]})
-        path = root / f"{name}.jsonl"
-        path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-        out[name] = str(path)
+        out[name] = write_jsonl(root / f"{name}.jsonl", rows)
     out["cache"] = str(root / "cache")
     return out
 

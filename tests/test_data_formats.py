@@ -1,10 +1,9 @@
 """Formats: which tokens are trained on, checked token by token on small
 hand-built examples, and the chat-template failure modes."""
 
-import json
-
 import numpy as np
 import pytest
+from hf_fixtures import write_jsonl
 
 from ftjax import data
 from ftjax.data.synthetic import build_char_tokenizer
@@ -14,16 +13,6 @@ REVERSED_TEMPLATE = (  # renders the last message first: prefixes are not stable
     "{% for m in messages|reverse %}<|{{ m['role'] }}|>{{ m['content'] }}<|end|>{% endfor %}"
     "{% if add_generation_prompt %}<|assistant|>{% endif %}"
 )
-
-
-@pytest.fixture(scope="module")
-def tok(tmp_path_factory):
-    return load_tokenizer(build_char_tokenizer(str(tmp_path_factory.mktemp("tok"))))
-
-
-def write_jsonl(path, rows):
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return str(path)
 
 
 def pipeline(tmp_path, tok, rows, fmt, seq_len=48, **fields):

@@ -27,6 +27,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DOC = os.path.join(ROOT, "docs", "models.md")
 QUICK = os.path.join(ROOT, "experiments", "quick", "train.py")
 
+pytestmark = pytest.mark.slow  # torch parity and a training run of the doc's family
+
 
 def doc_block() -> str:
     """The one python block of the "Adding a model family" section."""

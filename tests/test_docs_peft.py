@@ -49,6 +49,7 @@ def quick_config(arg):
     return module.get_config(arg)
 
 
+@pytest.mark.slow
 def test_the_documented_method_trains_only_the_layer_norms(method, tmp_path):
     cfg = quick_config("method=ln_tuning,include_final=0")
     assert cfg.method.to_dict() == {"name": "ln_tuning", "include_final": False}

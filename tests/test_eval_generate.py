@@ -6,8 +6,13 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
-from hf_fixtures import build_tiny, save_tiny
-from test_eval_helpers import tiny_model
+from hf_fixtures import (
+    LowRankLeaf,
+    build_tiny,
+    char_tokenizer,
+    low_rank_adapt,
+    tiny_model,
+)
 
 from ftjax.eval import filter_logits, generate, left_pad
 from ftjax.models import from_pretrained
@@ -131,45 +136,13 @@ def test_filter_logits_top_k_and_top_p():
     assert kept(filter_logits(logits, top_k=2, top_p=0.5)) == [False, True, False, False]
 
 
-@jax.tree_util.register_pytree_node_class
-class _LowRankLeaf:
-    """A minimal weight leaf (w + a @ b), standing in for ftjax.peft's LoRA."""
-
-    def __init__(self, w, a, b):
-        self.w, self.a, self.b = w, a, b
-
-    def apply_linear(self, x, *, dtype, rng):
-        return x @ self.w.astype(dtype) + (x @ self.a.astype(dtype)) @ self.b.astype(dtype)
-
-    def materialize(self, dtype=None):
-        out = self.w + self.a @ self.b
-        return out if dtype is None else out.astype(dtype)
-
-    def tree_flatten(self):
-        return (self.w, self.a, self.b), None
-
-    @classmethod
-    def tree_unflatten(cls, _, children):
-        return cls(*children)
-
-
 def test_adapter_leaves_generate_like_merged_params():
     model, params = _tiny("llama")
-    rng = np.random.default_rng(0)
-    adapted = jax.tree_util.tree_map_with_path(
-        lambda p, x: (
-            _LowRankLeaf(
-                x, rng.normal(0, 0.5, (x.shape[0], 2)), rng.normal(0, 0.5, (2, x.shape[1]))
-            )
-            if "q_proj" in str(p) or "v_proj" in str(p)
-            else x
-        ),
-        params,
-    )
+    adapted = low_rank_adapt(params, rank=2, a_std=0.5, b_std=0.5)
     merged = jax.tree.map(
-        lambda x: x.materialize() if isinstance(x, _LowRankLeaf) else x,
+        lambda x: x.materialize() if isinstance(x, LowRankLeaf) else x,
         adapted,
-        is_leaf=lambda x: isinstance(x, _LowRankLeaf),
+        is_leaf=lambda x: isinstance(x, LowRankLeaf),
     )
     got = generate(model, adapted, PROMPTS, max_new_tokens=8).sequences()
     assert got == generate(model, merged, PROMPTS, max_new_tokens=8).sequences()
@@ -177,11 +150,11 @@ def test_adapter_leaves_generate_like_merged_params():
 
 
 @pytest.mark.parametrize("family", ["llama2", "qwen2"])
-def test_greedy_equals_transformers_generate(family, tmp_path):
+def test_greedy_equals_transformers_generate(family, tiny_checkpoint):
     torch_model = build_tiny(family)
     torch_model.generation_config.eos_token_id = None  # run the full length, as ours does
     torch_model.generation_config.pad_token_id = 0
-    model, params = from_pretrained(save_tiny(family, tmp_path))
+    model, params = from_pretrained(tiny_checkpoint(family))
     ids, mask = left_pad(PROMPTS, pad_id=0)
     with torch.no_grad():
         hf = torch_model.generate(
@@ -212,8 +185,6 @@ def test_answers_in_uniform_batches_equal_one_prompt_at_a_time():
     """The study's exact-match generation pads every batch to one width and
     fills the last batch with repeats (one compiled program per eval set); the
     answers must be those of each prompt decoded alone without a cache."""
-    from test_eval_helpers import char_tokenizer
-
     from ftjax.eval import generate_answers
 
     model, params = _tiny("llama")

@@ -10,7 +10,7 @@ import sys
 import jax
 import numpy as np
 import pytest
-from test_eval_helpers import char_tokenizer, tiny_model
+from hf_fixtures import char_tokenizer, log_probs64, tiny_model
 
 pytest.importorskip("lm_eval")
 
@@ -37,13 +37,6 @@ def lm():
     return FtjaxLM(model=model, params=params, tokenizer=char_tokenizer(), batch_size=4)
 
 
-def _log_softmax64(lm, ids):
-    logits = jax.jit(lm.model.apply)({"params": lm.params}, np.asarray([ids]))
-    logits = np.asarray(logits, np.float64)[0]
-    logits -= logits.max(-1, keepdims=True)
-    return logits - np.log(np.exp(logits).sum(-1, keepdims=True))
-
-
 def _req(kind, *args):
     return Instance(request_type=kind, doc={}, arguments=tuple(args), idx=0)
 
@@ -55,7 +48,7 @@ def test_loglikelihood_matches_numpy(lm):
     for (context, continuation), (ll, greedy) in zip(pairs, got, strict=True):
         ctx = tok.encode(context.rstrip(" ")) or [tok.eos_token_id]  # empty: condition on EOS
         seq = ctx + tok.encode(context[len(context.rstrip(" ")) :] + continuation)
-        logp = _log_softmax64(lm, seq[:-1])
+        logp = log_probs64(lm.model, lm.params, seq[:-1])
         rows = range(len(ctx) - 1, len(seq) - 1)
         np.testing.assert_allclose(ll, sum(logp[t, seq[t + 1]] for t in rows), rtol=1e-5, atol=1e-4)
         assert greedy == all(logp[t].argmax() == seq[t + 1] for t in rows)
@@ -65,7 +58,7 @@ def test_loglikelihood_rolling_matches_numpy(lm):
     text = "A short document, scored whole."
     (got,) = lm.loglikelihood_rolling([_req("loglikelihood_rolling", text)])
     seq = [lm.tokenizer.eos_token_id] + lm.tokenizer.encode(text)
-    logp = _log_softmax64(lm, seq[:-1])
+    logp = log_probs64(lm.model, lm.params, seq[:-1])
     want = sum(logp[t, seq[t + 1]] for t in range(len(seq) - 1))
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-4)
 
@@ -170,6 +163,7 @@ def test_peft_adapter_from_a_directory(lm, checkpoint, tmp_path):
     assert abs(got - lm.loglikelihood(request)[0][0]) > 1e-3
 
 
+@pytest.mark.slow
 def test_harness_command_line(checkpoint, tmp_path, monkeypatch):
     """`python -m ftjax.eval.lm_eval_adapter ARGS` is the harness's command line
     with `ftjax` registered. The run itself is in-process (main() with ARGS as

@@ -4,7 +4,7 @@ forgetting numbers."""
 import jax
 import numpy as np
 import pytest
-from test_eval_helpers import VOCAB, tiny_model
+from hf_fixtures import VOCAB, tiny_model
 
 from ftjax.eval import (
     evaluate_batches,

@@ -1,10 +1,9 @@
 """Exact match, continuation log-likelihoods and multiple-choice scores against
 float64 numpy computations."""
 
-import jax
 import numpy as np
 import pytest
-from test_eval_helpers import char_tokenizer, tiny_model
+from hf_fixtures import char_tokenizer, log_probs64, tiny_model
 
 from ftjax.eval import (
     encode_pair,
@@ -16,25 +15,10 @@ from ftjax.eval import (
     strip_whitespace,
 )
 
-_forward = jax.jit(
-    lambda model, params, ids: model.apply({"params": params}, ids), static_argnums=0
-)
-
-
-def _log_softmax64(model, params, ids):
-    """float64 log-probabilities of a full forward pass over one sequence
-    (right-padded to a fixed width, invisible to causal attention, so that one
-    program compiles)."""
-    padded = np.zeros((1, 64), np.int32)
-    padded[0, : len(ids)] = ids
-    logits = np.asarray(_forward(model, params, padded), np.float64)[0, : len(ids)]
-    logits -= logits.max(-1, keepdims=True)
-    return logits - np.log(np.exp(logits).sum(-1, keepdims=True))
-
 
 def _numpy_loglikelihood(model, params, context, continuation):
     seq = list(context) + list(continuation)
-    logp = _log_softmax64(model, params, seq[:-1])
+    logp = log_probs64(model, params, seq[:-1])
     rows = range(len(context) - 1, len(seq) - 1)
     total = sum(logp[t, seq[t + 1]] for t in rows)
     greedy = all(logp[t].argmax() == seq[t + 1] for t in rows)
@@ -123,7 +107,7 @@ def test_loglikelihoods_truncation_and_greedy_flag():
     context = rng.integers(1, 97, 20).tolist()
     greedy_cont = []
     for _ in range(3):
-        greedy_cont.append(int(_log_softmax64(model, params, context + greedy_cont)[-1].argmax()))
+        greedy_cont.append(int(log_probs64(model, params, context + greedy_cont)[-1].argmax()))
     other = [(greedy_cont[0] + 1) % 97, *greedy_cont[1:]]
     requests = [
         (context, greedy_cont),

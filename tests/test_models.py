@@ -11,7 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import transformers
-from hf_fixtures import TINY_CONFIGS, VOCAB, build_tiny, save_tiny, torch_logits
+from hf_fixtures import TINY_CONFIGS, VOCAB, build_tiny, torch_logits
 
 from ftjax.models import (
     CheckpointError,
@@ -28,9 +28,8 @@ FAMILIES = sorted(TINY_CONFIGS)
 
 
 @pytest.fixture(scope="module")
-def checkpoints(tmp_path_factory):
-    root = tmp_path_factory.mktemp("ckpt")
-    return {f: save_tiny(f, root / f) for f in FAMILIES}
+def checkpoints(tiny_checkpoint):
+    return {f: tiny_checkpoint(f) for f in FAMILIES}
 
 
 def _inputs():
@@ -42,7 +41,7 @@ def _inputs():
 
 
 @pytest.mark.parametrize("blocks", [False, True])
-@pytest.mark.parametrize("scan", [False, True])
+@pytest.mark.parametrize("scan", [False, pytest.param(True, marks=pytest.mark.slow)])
 @pytest.mark.parametrize("family", FAMILIES)
 def test_logits_match_transformers(checkpoints, family, scan, blocks, monkeypatch):
     if blocks:  # causal block attention, which long sequences take, on 12 tokens
@@ -98,7 +97,7 @@ def test_bfloat16_weights_load_and_run(checkpoints, tmp_path):
     assert np.abs(np.asarray(logits) - ref).max() < 0.1  # bf16 rounding, same function
 
 
-@pytest.mark.parametrize("model_type", ["llama", "gpt2"])
+@pytest.mark.parametrize("model_type", [pytest.param("llama", marks=pytest.mark.slow), "gpt2"])
 def test_remat_gives_same_gradients(model_type):
     cfg = ModelConfig(model_type=model_type)
     ids = jnp.asarray(_inputs()[0] % cfg.vocab_size)
@@ -112,7 +111,7 @@ def test_remat_gives_same_gradients(model_type):
     chex.assert_trees_all_close(g1, g2, atol=1e-6)
 
 
-@pytest.mark.parametrize("family", ["mistral", "gpt2"])
+@pytest.mark.parametrize("family", [pytest.param("mistral", marks=pytest.mark.slow), "gpt2"])
 def test_kv_cache_decoding_equals_full_forward(checkpoints, family):
     model, params = from_pretrained(checkpoints[family], scan_layers=family == "gpt2")
     ids, mask = _inputs()
@@ -218,6 +217,7 @@ def _attention_f64(q, k, v, mask, scale):
     return np.einsum("bnts,bsnh->btnh", p, v)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("t", [256, 200])  # 4 equal blocks; uneven blocks
 def test_causal_block_attention_equals_float64_attention(t):
     """The blocked path that training takes for long sequences, with grouped

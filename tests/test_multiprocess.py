@@ -12,6 +12,8 @@ import pytest
 
 WORKER = os.path.join(os.path.dirname(__file__), "multiprocess_worker.py")
 
+pytestmark = pytest.mark.slow  # spawns jax.distributed processes
+
 
 def free_port() -> int:
     with socket.socket() as s:

@@ -1,22 +1,14 @@
 """scripts/count_params.py on the LoRA paper's settings: the four exact counts,
 from shapes only, through the real command line."""
 
-import os
-import subprocess
-import sys
+import pytest
+from hf_fixtures import ROOT, run_script
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+pytestmark = pytest.mark.slow  # the script in a subprocess
 
 
 def run(*args):
-    return subprocess.run(
-        [sys.executable, os.path.join(ROOT, "scripts", "count_params.py"), *args],
-        capture_output=True,
-        text=True,
-        cwd=ROOT,
-        env={**os.environ, "JAX_PLATFORMS": "cpu"},
-        timeout=300,
-    )
+    return run_script("count_params.py", *args, cwd=ROOT, env={"JAX_PLATFORMS": "cpu"}, timeout=300)
 
 
 def test_lora_paper_counts(tmp_path):

@@ -14,8 +14,7 @@ import numpy as np
 import peft as torch_peft
 import pytest
 import torch
-import transformers
-from hf_fixtures import VOCAB, save_tiny, torch_logits
+from hf_fixtures import VOCAB, torch_base, torch_logits
 
 from ftjax import peft
 from ftjax.models import ModelConfig, build_model, from_pretrained
@@ -26,8 +25,8 @@ TOL = 1e-4
 
 
 @pytest.fixture(scope="module")
-def checkpoints(tmp_path_factory):
-    return {f: save_tiny(f, tmp_path_factory.mktemp(f)) for f in ("llama2", "qwen2")}
+def checkpoints(tiny_checkpoint):
+    return {f: tiny_checkpoint(f) for f in ("llama2", "qwen2")}
 
 
 @pytest.fixture(scope="module")
@@ -38,10 +37,6 @@ def loaded(checkpoints):
         model, params = from_pretrained(path)
         out[family] = (model, params, jax.jit(lambda p, m=model: m.apply({"params": p}, IDS)))
     return out
-
-
-def torch_base(path):
-    return transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
 
 
 def perturb(params, seed=0):

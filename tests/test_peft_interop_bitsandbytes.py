@@ -127,6 +127,7 @@ def test_bfloat16_weights_quantize_like_bitsandbytes():
     assert ours.dtype == jnp.bfloat16
 
 
+@pytest.mark.slow
 def test_qlora_adapter_on_a_bitsandbytes_base(tmp_path):
     # The user's side: an adapter trained by ftjax's QLoRA, applied by PEFT to
     # the checkpoint loaded in 4 bits by transformers + bitsandbytes, gives

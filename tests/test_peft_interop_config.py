@@ -13,8 +13,7 @@ import numpy as np
 import peft as torch_peft
 import pytest
 import torch
-import transformers
-from hf_fixtures import VOCAB, save_tiny, torch_logits
+from hf_fixtures import VOCAB, torch_base, torch_logits
 
 from ftjax import peft
 from ftjax.models import from_pretrained
@@ -25,18 +24,14 @@ TOL = 1e-4
 
 
 @pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory):
-    return save_tiny("llama2", tmp_path_factory.mktemp("llama2"))
+def checkpoint(tiny_checkpoint):
+    return tiny_checkpoint("llama2")
 
 
 @pytest.fixture(scope="module")
 def loaded(checkpoint):
     model, base = from_pretrained(checkpoint)
     return model, base, jax.jit(lambda p: model.apply({"params": p}, IDS))
-
-
-def torch_base(path):
-    return transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
 
 
 def save_peft(checkpoint, out, **kwargs):

@@ -14,9 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 import peft as torch_peft
 import pytest
-import torch
-import transformers
-from hf_fixtures import VOCAB, save_tiny, torch_logits
+from hf_fixtures import VOCAB, torch_base, torch_logits
 
 from ftjax import peft
 from ftjax.models import from_pretrained
@@ -26,12 +24,8 @@ TOL = 1e-4
 
 
 @pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory):
-    return save_tiny("llama2", tmp_path_factory.mktemp("llama2"))
-
-
-def torch_base(path):
-    return transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+def checkpoint(tiny_checkpoint):
+    return tiny_checkpoint("llama2")
 
 
 def trained_like(params, seed=0):

@@ -284,6 +284,7 @@ def test_hybrid_gradients_match_float64_closed_form(quantized):
         np.testing.assert_allclose(np.asarray(g), np.asarray(h), rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.slow
 def test_hybrid_training_step_equals_factored(base):
     """A LoRA model's loss and adapter gradients under compute="hybrid" equal
     the factored form's, with scanned layers (stacked adapters)."""

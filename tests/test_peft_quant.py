@@ -134,6 +134,7 @@ def test_stacked_kernels_quantize_per_layer():
         )
 
 
+@pytest.mark.slow
 def test_qlora_model_and_scan():
     cfg = ModelConfig(
         vocab_size=53, hidden_size=64, intermediate_size=128, num_heads=4, num_kv_heads=2

@@ -2,30 +2,21 @@
 pre-training prerequisite), evaluation, report; and the sweep runner's
 skip/emit/validation behaviour."""
 
+import functools
 import json
 import os
 import subprocess
-import sys
 
 import pytest
+from hf_fixtures import run_script, script_cmd, script_env
+
+pytestmark = pytest.mark.slow  # sweeps of training runs in subprocesses
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STUDY = os.path.join(ROOT, "experiments", "forgetting", "study.py")
 
 
-def script(name, *args, check=True):
-    env = {**os.environ}
-    env.pop("XLA_FLAGS", None)
-    proc = subprocess.run(
-        [sys.executable, os.path.join(ROOT, "scripts", name), *args],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=900,
-    )
-    if check and proc.returncode != 0:
-        raise AssertionError(f"{name} failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-3000:]}")
-    return proc
+script = functools.partial(run_script, check=True, timeout=900)
 
 
 @pytest.fixture(scope="module")
@@ -182,9 +173,13 @@ def test_sweep_override_of_missing_field_and_empty_report(tmp_path):
 
 def _sweep_study(tmp_path, n):
     study = tmp_path / "study.py"
-    study.write_text(
+    study.write_text(  # a valid config (the sweep checks them all): no file it names is read
+        "from ftjax.data import source_config\n"
         "from ftjax.train import default_config\n"
-        "def get_config(arg=None):\n    return default_config()\n"
+        "def get_config(arg=None):\n    cfg = default_config()\n"
+        "    cfg.data.tokenizer = 'tok'\n"
+        "    cfg.data.sources.target = source_config('train.jsonl')\n"
+        "    return cfg\n"
         f"def get_sweep():\n    return [{{'train.seed': i}} for i in range({n})]\n"
     )
     return str(study)
@@ -244,10 +239,9 @@ def test_killed_sweep_resumes_to_the_same_results(sweep_dir, tmp_path):
 
     work = tmp_path / "w"
     args = [f"--config={STUDY}:quick=1", f"--workdir={work}", "--quiet", "--jobs=2"]
-    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
     proc = subprocess.Popen(
-        [sys.executable, os.path.join(ROOT, "scripts", "sweep.py"), *args],
-        env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        script_cmd("sweep.py", *args),
+        env=script_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
     )  # fmt: skip
     # Wait for the state the test needs, not for a time: a fine-tuning run has
     # logged a training step, so its SIGTERM handler is installed and it is

@@ -2,6 +2,7 @@
 resume, what a sweep or a report takes for a finished run, and crash safety
 (a process killed while writing never leaves a torn or half-finished run)."""
 
+import inspect
 import json
 import math
 import os
@@ -19,9 +20,7 @@ from ftjax.errors import RunDirError
 from ftjax.rundir import json_default
 from ftjax.study import RunDir, is_finished, load_runs
 
-RUNDIR_PY = os.path.join(
-    os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "ftjax", "study", "rundir.py"
-)
+RUNDIR_PY = inspect.getsourcefile(RunDir)  # the writer subprocess loads it by path
 
 
 def test_config_round_trip(tmp_path):

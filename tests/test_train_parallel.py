@@ -9,13 +9,15 @@ import pytest
 
 from ftjax import peft
 from ftjax.models import ModelConfig, build_model
-from ftjax.train import Parallel, StepConfig, TrainState, build_optimizer, default_optim_config
+from ftjax.train import Parallel, StepConfig, build_optimizer, default_optim_config, init_state
 from ftjax.train.optim import ConfigError
 
 CFG = ModelConfig(
     vocab_size=64, hidden_size=32, intermediate_size=64, num_layers=2, num_heads=4, num_kv_heads=4
 )
 METHODS = {"full": {"name": "full"}, "lora": {"name": "lora", "rank": 4, "targets": "all-linear"}}
+# Every check runs with LoRA in the fast subset, with full fine-tuning in the slow one.
+METHOD_PARAMS = [pytest.param("full", marks=pytest.mark.slow), "lora"]
 
 
 def make_batch(step, rows=8, seq=16):
@@ -33,25 +35,15 @@ def make_batch(step, rows=8, seq=16):
     }
 
 
-def initial_state(method_name, accum=1, scan=False):
-    cfg = CFG.replace(scan_layers=scan)
-    model = build_model(cfg)
+def initial_state(method_name, accum=1, *, model_cfg=CFG, optim=None, steps=10):
+    """(model, tx, state at step 0), the state from the trainer's own builder."""
+    model = build_model(model_cfg)
     params = model.init(jax.random.key(0), jnp.zeros((1, 4), jnp.int32))["params"]
-    method = peft.build_method(METHODS[method_name])
-    params = method.apply(params, jax.random.key(1))
-    trainable, frozen = method.split(params)
-    ocfg = default_optim_config()
-    ocfg.lr, ocfg.weight_decay, ocfg.accum_steps, ocfg.warmup_steps = 1e-2, 0.01, accum, 1
-    tx, _ = build_optimizer(ocfg, 10)
-    state = TrainState(
-        jnp.zeros((), jnp.int32),
-        trainable,
-        frozen,
-        tx.init(trainable),
-        jax.random.key_data(jax.random.key(2)),
-        jnp.zeros((), jnp.int32),
-    )
-    return model, tx, state
+    if optim is None:
+        optim = default_optim_config()
+        optim.lr, optim.weight_decay, optim.accum_steps, optim.warmup_steps = 1e-2, 0.01, accum, 1
+    tx, _ = build_optimizer(optim, steps)
+    return model, tx, init_state(params, peft.build_method(METHODS[method_name]), tx, seed=0)
 
 
 def run(method_name, mode, steps=3, accum=1, batches=None):
@@ -89,7 +81,7 @@ def causal_block_attention():
         yield
 
 
-@pytest.fixture(scope="module", params=sorted(METHODS))
+@pytest.fixture(scope="module", params=METHOD_PARAMS)
 def reference(request):
     return request.param, run(request.param, "single")
 
@@ -115,7 +107,7 @@ def test_fsdp_and_tensor_actually_shard():
         assert q.addressable_shards[0].data.size < q.size
 
 
-@pytest.mark.parametrize("method_name", sorted(METHODS))
+@pytest.mark.parametrize("method_name", METHOD_PARAMS)
 def test_gradient_accumulation_equals_large_batch(method_name):
     big = make_batch(0, rows=8)
     one, p1 = run(method_name, "single", steps=1, accum=1, batches=[big])
@@ -173,11 +165,9 @@ def test_bad_optimizer_and_mode_and_batch():
 
 @pytest.mark.parametrize("name", ["adafactor", "lion", "sgd"])
 def test_other_optimizers_reduce_loss(name):
-    model, _, state = initial_state("full")
     ocfg = default_optim_config()
     ocfg.name, ocfg.lr = name, {"adafactor": 1e-2, "lion": 1e-3, "sgd": 0.5}[name]
-    tx, _ = build_optimizer(ocfg, 20)
-    state = state._replace(opt_state=tx.init(state.trainable))
+    model, tx, state = initial_state("full", optim=ocfg, steps=20)
     par = Parallel("single", model, tx, StepConfig())
     state = par.place_state(state)
     batch = par.place_batch(make_batch(0))
@@ -188,16 +178,10 @@ def test_other_optimizers_reduce_loss(name):
     assert losses[-1] < losses[0] - 0.05, losses
 
 
+@pytest.mark.slow
 def test_mixed_precision_keeps_fp32_master_weights():
     cfg = CFG.replace(dtype="bfloat16", param_dtype="float32")
-    model = build_model(cfg)
-    params = model.init(jax.random.key(0), jnp.zeros((1, 4), jnp.int32))["params"]
-    tx, _ = build_optimizer(default_optim_config(), 10)
-    params, frozen = peft.build_method("full").split(params)
-    state = TrainState(
-        jnp.zeros((), jnp.int32), params, frozen, tx.init(params),
-        jax.random.key_data(jax.random.key(2)), jnp.zeros((), jnp.int32),
-    )  # fmt: skip
+    model, tx, state = initial_state("full", model_cfg=cfg, optim=default_optim_config())
     par = Parallel("single", model, tx, StepConfig())
     state = par.place_state(state)
     batch = par.place_batch(make_batch(0))

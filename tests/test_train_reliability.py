@@ -13,6 +13,7 @@ import signal
 import chex
 import numpy as np
 import pytest
+from hf_fixtures import assert_one_error_line
 from test_train_resume import (
     checkpoint_steps,
     final_state,
@@ -27,16 +28,6 @@ from test_train_resume import (
 from ftjax.train.loop import _SkipWatch
 
 
-def assert_one_error_line(proc, *fragments):
-    lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
-    assert proc.returncode == 2, proc.stderr[-3000:]
-    assert lines and lines[-1].startswith("error: "), proc.stderr[-3000:]
-    assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
-    for fragment in fragments:
-        assert fragment in lines[-1], lines[-1]
-    return lines[-1]
-
-
 @pytest.fixture(scope="module")
 def finished(tmp_path_factory):
     """A completed 8-step run (checkpoints 6 and 8) and its final state."""
@@ -48,6 +39,7 @@ def finished(tmp_path_factory):
 # ----------------------------------------------------------------------------- one writer
 
 
+@pytest.mark.slow
 def test_second_trainer_on_a_workdir_is_refused(tmp_path):
     run_dir = tmp_path / "run"
     first = start(run_dir)
@@ -87,6 +79,7 @@ def _largest_state_file(run_dir, step):
     return max((f for f in files if os.path.isfile(f)), key=os.path.getsize)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("how", ["empty", "truncated", "flipped"])
 def test_damaged_newest_checkpoint_falls_back_to_previous(finished, tmp_path, how):
     src, reference = finished
@@ -101,6 +94,7 @@ def test_damaged_newest_checkpoint_falls_back_to_previous(finished, tmp_path, ho
     assert logged_steps(run_dir) == list(range(1, 9))
 
 
+@pytest.mark.slow
 def test_no_intact_checkpoint_is_one_line(finished, tmp_path):
     src, _ = finished
     run_dir = tmp_path / "run"
@@ -117,6 +111,7 @@ def test_no_intact_checkpoint_is_one_line(finished, tmp_path):
 # ----------------------------------------------------------------------------- NaN storm
 
 
+@pytest.mark.slow
 def test_diverging_run_stops_with_one_line(tmp_path):
     proc = run(
         str(tmp_path), "method=full", None, "--config.optim.lr=1e6", "--config.train.steps=40",
@@ -146,6 +141,7 @@ def test_skip_watch_counts_streaks_one_step_behind():
 # ----------------------------------------------------------------------------- Ctrl-C
 
 
+@pytest.mark.slow
 def test_ctrl_c_saves_and_exits_cleanly_then_resumes(tmp_path):
     run_dir = tmp_path / "run"
     proc = start(run_dir)
@@ -165,6 +161,7 @@ def test_ctrl_c_saves_and_exits_cleanly_then_resumes(tmp_path):
 # ----------------------------------------------------------------------------- messages
 
 
+@pytest.mark.slow
 def test_workdir_that_is_a_file(tmp_path):
     path = tmp_path / "afile"
     path.write_text("x")
@@ -174,6 +171,7 @@ def test_workdir_that_is_a_file(tmp_path):
         assert_one_error_line(proc, f"--workdir={path}")
 
 
+@pytest.mark.slow
 def test_warmup_longer_than_the_run(tmp_path):
     proc = run(
         str(tmp_path / "r"), "method=full", None, "--config.optim.warmup_steps=20",
@@ -183,6 +181,7 @@ def test_warmup_longer_than_the_run(tmp_path):
     assert not (tmp_path / "r" / "config.json").exists()
 
 
+@pytest.mark.slow
 def test_export_best_without_best_checkpoint(finished, tmp_path):
     run_dir, _ = finished
     proc = script("export.py", f"--workdir={run_dir}", f"--out={tmp_path}", "--checkpoint=best")
@@ -191,6 +190,7 @@ def test_export_best_without_best_checkpoint(finished, tmp_path):
     assert_one_error_line(proc, "--checkpoint=3", "no checkpoint 3 (have [6, 8])")
 
 
+@pytest.mark.slow
 def test_evaluate_base_only_needs_no_checkpoint(finished, tmp_path):
     run_dir, _ = finished
     shutil.copy(run_dir / "config.json", tmp_path / "config.json")

@@ -13,11 +13,13 @@ import os
 import shutil
 import signal
 import subprocess
-import sys
 import time
 
 import chex
 import pytest
+from hf_fixtures import run_script, script_cmd, script_env
+
+pytestmark = pytest.mark.slow  # training runs in subprocesses, killed and resumed
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIG = os.path.join(ROOT, "experiments", "quick", "train.py")
@@ -30,25 +32,13 @@ TMP_SUFFIX = ".orbax-checkpoint-tmp"
 
 
 def train_cmd(workdir, arg="method=full", *extra):
-    return [
-        sys.executable,
-        os.path.join(ROOT, "scripts", "train.py"),
-        f"--config={CONFIG}:{arg}",
-        f"--workdir={workdir}",
-        *extra,
-    ]
-
-
-def _env():
-    env = {**os.environ}
-    env.pop("XLA_FLAGS", None)  # one device: bit-exact comparisons across processes
-    return env
+    return script_cmd("train.py", f"--config={CONFIG}:{arg}", f"--workdir={workdir}", *extra)
 
 
 def run(workdir, arg="method=full", env_extra=None, *extra, check=True):
     proc = subprocess.run(
         train_cmd(workdir, arg, *extra),
-        env={**_env(), **(env_extra or {})},
+        env=script_env(**(env_extra or {})),  # one device: bit-exact across processes
         capture_output=True,
         text=True,
         timeout=600,
@@ -58,14 +48,7 @@ def run(workdir, arg="method=full", env_extra=None, *extra, check=True):
     return proc
 
 
-def script(name, *args):
-    return subprocess.run(
-        [sys.executable, os.path.join(ROOT, "scripts", name), *args],
-        env=_env(),
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
+script = run_script
 
 
 def start(workdir, arg="method=full", *extra):
@@ -74,7 +57,7 @@ def start(workdir, arg="method=full", *extra):
     with open(log + ".out", "w") as out, open(log + ".err", "w") as err:
         return subprocess.Popen(
             train_cmd(workdir, arg, LONG, *CONSTANT_LR, *extra),
-            env=_env(),
+            env=script_env(),
             stdout=out,
             stderr=err,
             text=True,

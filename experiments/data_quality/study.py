@@ -48,6 +48,7 @@ purpose: memorizing individual wrong labels needs repeated exposure.
 """
 
 from ftjax.data import suite_data_config
+from ftjax.errors import ConfigError
 from ftjax.experiment import (
     ensure_suite,
     parse_arg,
@@ -56,7 +57,6 @@ from ftjax.experiment import (
     suite_study_config,
     with_method,
 )
-from ftjax.train.optim import ConfigError
 
 NOISE_RATES = (0.0, 0.2, 0.5)
 FULL = dict(

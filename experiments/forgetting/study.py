@@ -35,6 +35,7 @@ test suite runs it). Measured wall time and results: README, "Forgetting".
 """
 
 from ftjax.data import suite_data_config
+from ftjax.errors import ConfigError
 from ftjax.experiment import (
     ensure_suite,
     parse_arg,
@@ -44,7 +45,6 @@ from ftjax.experiment import (
     suite_study_config,
     with_method,
 )
-from ftjax.train.optim import ConfigError
 
 FULL = dict(
     suite=dict(general_train=20000, general_eval=200, target_train=4000, target_eval=200),

@@ -28,6 +28,8 @@ import os
 import statistics
 import sys
 
+from ftjax.errors import ConfigError, FtjaxError, RunDirError
+
 # A task's main metric: the first of these it reports.
 PRIMARY = ("acc_norm", "acc", "exact_match_strict-match", "exact_match_flexible-extract",
            "exact_match")  # fmt: skip
@@ -127,7 +129,7 @@ def evaluate_run_dir(run_dir: str, hcfg: dict | None = None) -> dict:
     hcfg = dict(hcfg or cfg.get("eval", {}).get("harness", {}))
     target, general = _tasks(hcfg.get("target_tasks")), _tasks(hcfg.get("general_tasks"))
     if not target and not general:
-        raise ValueError(f"{run_dir}: eval.harness names no target_tasks or general_tasks")
+        raise ConfigError(f"{run_dir}: eval.harness names no target_tasks or general_tasks")
     checkpoint = cfg["model"]["checkpoint"]
     dtype = cfg["model"].get("dtype", "float32")
     tokenizer = transformers.AutoTokenizer.from_pretrained(cfg["data"]["tokenizer"] or checkpoint)
@@ -144,7 +146,7 @@ def evaluate_run_dir(run_dir: str, hcfg: dict | None = None) -> dict:
     elif os.path.isdir(os.path.join(run_dir, "hf")):
         _, tuned = from_pretrained(os.path.join(run_dir, "hf"), dtype=dtype)
     else:
-        raise FileNotFoundError(
+        raise RunDirError(
             f"{run_dir}: no adapter/ or hf/ to evaluate; train with export_adapter or export_hf"
         )
     out = forgetting_keys(base, harness_scores(model, tuned, tokenizer, target + general, hcfg),
@@ -175,7 +177,7 @@ def main(argv: list[str]) -> int:
     try:
         for name in evaluate_sweep(workdir):
             print(f"harness scores merged into {os.path.join(workdir, name, 'summary.json')}")
-    except (ValueError, FileNotFoundError, KeyError) as e:
+    except FtjaxError as e:  # bad input; anything else is a bug and keeps its traceback
         print(f"error: {str(e).strip().splitlines()[0]}", file=sys.stderr)
         return 2
     return 0

@@ -39,8 +39,8 @@ task YAMLs> and target_tasks/general_tasks naming those tasks.
 import importlib.util
 import os
 
+from ftjax.errors import ConfigError
 from ftjax.experiment import default_eval_config, parse_arg, split_method_options
-from ftjax.train.optim import ConfigError
 
 
 def _sibling(name: str):

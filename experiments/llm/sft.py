@@ -44,9 +44,9 @@ import os
 
 from ftjax.data import default_data_config, source_config
 from ftjax.data.sources import BUILDERS
+from ftjax.errors import ConfigError
 from ftjax.experiment import parse_arg, split_method_options, with_method
 from ftjax.train import default_config
-from ftjax.train.optim import ConfigError
 
 DEFAULTS = dict(
     model="Qwen/Qwen2.5-0.5B",

@@ -49,9 +49,9 @@ import os
 import random
 
 from ftjax.data import carve_eval, default_data_config, source_config
+from ftjax.errors import ConfigError
 from ftjax.experiment import cache_dir, parse_arg, with_method
 from ftjax.train import default_config
-from ftjax.train.optim import ConfigError
 
 HUB_MODEL = "gpt2-medium"
 HUB_DATASET = "e2e_nlg"

@@ -6,9 +6,9 @@ method. The exact-resume and preemption tests drive it through scripts/train.py.
 """
 
 from ftjax.data import suite_data_config
+from ftjax.errors import ConfigError
 from ftjax.experiment import ensure_suite, parse_arg, split_method_options, with_method
 from ftjax.train import default_config
-from ftjax.train.optim import ConfigError
 
 
 def get_config(arg=None):

@@ -74,8 +74,12 @@ def energy_rank(values, energy: float = 0.9) -> int:
 def update_spectrum(w_base, w_tuned, *, energy: float = 0.9, max_values: int | None = 32) -> dict:
     """Spectrum of ΔW = w_tuned - w_base, its `energy` rank and its relative norm.
 
-    >>> update_spectrum(w, w + 0.1 * np.outer(u, v))["energy_rank"]
+    >>> rng = np.random.default_rng(0)
+    >>> w, u, v = rng.normal(size=(16, 8)), rng.normal(size=16), rng.normal(size=8)
+    >>> update_spectrum(w, w + 0.1 * np.outer(u, v))["energy_rank"]   # a rank-1 update
     1
+    >>> update_spectrum(w, w + 0.1 * rng.normal(size=(16, 8)))["energy_rank"]
+    6
     """
     base, tuned = _as_matrix(w_base), _as_matrix(w_tuned)
     if base.shape != tuned.shape:
@@ -98,7 +102,7 @@ def update_spectrum(w_base, w_tuned, *, energy: float = 0.9, max_values: int | N
 def relative_update_norm(w_base, w_tuned) -> float:
     """‖w_tuned - w_base‖_F / ‖w_base‖_F.
 
-    >>> relative_update_norm(np.eye(2), 1.1 * np.eye(2))
+    >>> round(relative_update_norm(np.eye(2), 1.1 * np.eye(2)), 6)
     0.1
     """
     base, tuned = _as_matrix(w_base), _as_matrix(w_tuned)
@@ -112,7 +116,9 @@ def intruder_dimensions(
     highest |cosine similarity| with any singular vector of `w_base` is below
     `eps`. Singular vectors have no sign, hence the absolute value.
 
-    >>> r = intruder_dimensions(w, w + 10 * np.outer(u_new, v))   # u_new ⟂ w's range
+    >>> w = np.random.default_rng(0).normal(size=(4, 16))   # output side: 4 dims of 16
+    >>> v = np.linalg.svd(w)[2][-1]                           # a direction outside them
+    >>> r = intruder_dimensions(w, w + 10 * np.outer(np.ones(4), v))
     >>> r["count"], r["indices"]
     (1, [0])
     """

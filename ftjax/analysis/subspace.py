@@ -11,6 +11,9 @@ input space). ftjax's LoRA leaf stores `a` as (in, r), its transpose, so the
 same vectors are the columns' singular directions: every function here takes
 matrices of shape (d, r) and compares their column spaces. For the `b`
 factors (r, out), the output-space directions, pass `b.T`.
+
+In the examples, `params` are a tiny random two-layer Llama's (set up by
+tests/test_doctests.py).
 """
 
 from __future__ import annotations
@@ -54,8 +57,8 @@ def subspace_similarity(x1, x2, i: int | None = None, j: int | None = None) -> f
     """φ between the top-i directions of x1's columns and the top-j of x2's
     (default: all of each).
 
-    >>> a = np.random.randn(64, 8)
-    >>> subspace_similarity(a, 3 * a)
+    >>> a = np.random.default_rng(0).normal(size=(64, 8))
+    >>> round(subspace_similarity(a, 3 * a), 6)   # the same column space
     1.0
     """
     grid = similarity_grid(x1, x2)
@@ -99,8 +102,15 @@ def adapter_subspace_similarity(
     """φ(i, j) per adapted matrix between two adapted params trees (e.g. two
     seeds, or rank 8 against rank 64), plus the mean.
 
-    >>> adapter_subspace_similarity(run_r8_params, run_r64_params, i=1, j=1)
-    {'per_matrix': {'model/layers_0/self_attn/q_proj/kernel': 0.71, ...}, 'mean': 0.66}
+    >>> from ftjax.peft import build_method
+    >>> method = build_method({"name": "lora", "rank": 4, "targets": "qv"})
+    >>> seed0 = method.apply(params, jax.random.key(0))
+    >>> r = adapter_subspace_similarity(seed0, seed0)
+    >>> list(r["per_matrix"])[:2], round(r["mean"], 5)
+    (['model/layers_0/self_attn/q_proj/kernel', 'model/layers_0/self_attn/v_proj/kernel'], 1.0)
+    >>> r = adapter_subspace_similarity(seed0, method.apply(params, jax.random.key(1)))
+    >>> r["mean"] < 0.5   # two random rank-4 subspaces of R^32
+    True
     """
     f1, f2 = adapter_factors(params1, factor), adapter_factors(params2, factor)
     if not f1:

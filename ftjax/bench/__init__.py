@@ -10,8 +10,8 @@ times (medians over rounds) are what stay meaningful, not absolute seconds.
 Each training step is followed, in the same process, by a large matmul of the
 compute dtype: the measured peak that MFU (a) divides by.
 
-    >>> results = run(BenchConfig(preset="quick", methods=("full", "lora")))
-    >>> print(markdown(results))
+    results = run(BenchConfig(preset="quick", methods=("full", "lora")))
+    print(markdown(results))
 
 Workers are `python -m ftjax.bench '<spec json>'`, speaking one JSON line per
 command on stdin/stdout (setup, step, profile, finish). `isolate=False` runs the

@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import dataclasses
 
+from ftjax.errors import ConfigError
+
 # Llama-architecture sizes (ModelConfig fields). `30m` is the default;
 # `100m` is where weights and optimizer state dominate memory at batch 1;
 # `1b` is TinyLlama-1.1B's shape (grouped-query attention), for GPUs.
@@ -66,7 +68,7 @@ class BenchConfig:
     def model_fields(self, preset=None) -> dict:
         name = preset or self.preset
         if name not in PRESETS:
-            raise ValueError(f"preset={name!r}; expected one of {', '.join(PRESETS)}")
+            raise ConfigError(f"preset={name!r}; expected one of {', '.join(PRESETS)}")
         fields = {"num_kv_heads": PRESETS[name]["num_heads"], **PRESETS[name]}
         return dict(
             fields,

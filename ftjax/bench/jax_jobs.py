@@ -117,13 +117,13 @@ class JaxJob:
 
 class JaxTrain(TrainStep, JaxJob):
     def setup(self) -> dict:
+        import functools
+
         import jax
-        import jax.numpy as jnp
 
         from ftjax import peft
         from ftjax.models import build_model
-        from ftjax.train import Parallel, StepConfig, TrainState, build_optimizer
-        from ftjax.train import metrics as metrics_lib
+        from ftjax.train import Parallel, StepConfig, build_optimizer, init_state, state_info
 
         spec, cfg = self.spec, self._model_cfg()
         model = build_model(cfg)
@@ -132,22 +132,13 @@ class JaxTrain(TrainStep, JaxJob):
         tx, _ = build_optimizer(optim_config(), 1000)
         params = host_params(model)
 
-        def initial_state(params):
-            trainable, frozen = method.split(method.apply(params, jax.random.key(1)))
-            key = jax.random.key_data(jax.random.key(2))
-            zero = jnp.zeros((), jnp.int32)
-            return TrainState(zero, trainable, frozen, tx.init(trainable), key, zero)
-
         # One program adapts the weights and builds the optimizer state (each
         # eager op would cost a compile on CPU); the float32 base that QLoRA
         # quantizes does not outlive it.
-        state = jax.jit(initial_state, donate_argnums=0)(params)
-        shapes = jax.eval_shape(method.apply, params, jax.random.key(1))
+        build = functools.partial(init_state, method=method, tx=tx, seed=0)
+        state = jax.jit(build, donate_argnums=0)(params)
         del params
-        n_trainable, n_total = method.count(shapes)
-        n_matmul, n_trainable_matmul = metrics_lib.matmul_param_counts(
-            shapes, method.split(shapes)[0]
-        )
+        info = state_info(state, method)
         par = Parallel("single", model, tx, StepConfig())
         state = par.place_state(state)
         batch = par.place_batch(synthetic_batch(cfg.vocab_size, spec["batch"], spec["seq"]))
@@ -160,23 +151,17 @@ class JaxTrain(TrainStep, JaxJob):
         cost = self.compiled.cost_analysis()
         cost = (cost[0] if isinstance(cost, (list, tuple)) else cost) or {}
         self.state, self.batch = state, batch
-        self.state_bytes = {
-            "trainable": peft.nbytes(state.trainable),
-            "frozen": peft.nbytes(state.frozen),
-            "opt_state": sum(x.nbytes for x in jax.tree.leaves(state.opt_state)),
-        }
+        self.state_bytes = info.nbytes
         if spec.get("measure_peak", True):
             self._init_peak()
         self.peak_reset = reset_rss_peak()
         return {
             **self._env(),
-            "params": n_total,
-            "trainable": n_trainable,
-            "matmul_params": n_matmul,
-            "trainable_matmul_params": n_trainable_matmul,
-            "flops_per_token": metrics_lib.train_flops_per_token(
-                n_matmul, n_trainable_matmul, cfg, spec["seq"]
-            ),
+            "params": info.n_total,
+            "trainable": info.n_trainable,
+            "matmul_params": info.n_matmul,
+            "trainable_matmul_params": info.n_trainable_matmul,
+            "flops_per_token": info.flops_per_token(cfg, spec["seq"]),
             "xla_flops_per_token": float(cost.get("flops", 0.0)) / tokens,
             "lower_s": t1 - t0,
             "compile_s": t2 - t1,

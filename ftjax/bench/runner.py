@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import time
 
+from ftjax.errors import ConfigError
+
 from .config import METHODS, TORCH_METHODS, BenchConfig
 from .results import summarize
 from .variants import VARIANTS
@@ -37,7 +39,7 @@ def _variant_specs(bc: BenchConfig, train) -> list[dict]:
     for item in bc.variants:
         method, _, label = item.partition("@")
         if method not in METHODS or label not in VARIANTS:
-            raise ValueError(
+            raise ConfigError(
                 f"variants: {item!r} is not method@variant with a method in {', '.join(METHODS)} "
                 f"and a variant in {', '.join(VARIANTS)}"
             )

@@ -12,6 +12,8 @@ import sys
 import tempfile
 import traceback
 
+from ftjax.errors import ConfigError
+
 from .config import BenchConfig
 from .jax_jobs import JaxInfer, JaxTrain
 from .torch_jobs import TorchInfer, TorchTrain
@@ -97,7 +99,7 @@ class InProcess:
     def __init__(self, spec: dict):
         self.name = spec["name"]
         if spec.get("xla_flags"):
-            raise ValueError(f"{self.name}: XLA flags need a fresh process (isolate=True)")
+            raise ConfigError(f"{self.name}: XLA flags need a fresh process (isolate=True)")
         if spec["kind"].startswith("torch"):
             import torch
 

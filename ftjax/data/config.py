@@ -8,7 +8,7 @@ each with a `name`, is accepted as well.
     cfg = default_data_config()
     cfg.tokenizer = "/path/to/tokenizer"
     cfg.sources.target = source_config(path="train.jsonl", format="prompt_completion")
-    validate_data_config(cfg)          # DataConfigError, one line per bad field
+    validate_data_config(cfg)          # DataConfigError naming each bad field
 """
 
 from __future__ import annotations
@@ -154,7 +154,7 @@ def _check(errors: list[str], ok: bool, key: str, expected: str, value: Any) -> 
 def validate_data_config(cfg, *, need_tokenizer: bool = True) -> list[SourceSpec]:
     """Checks every field and returns the sources as `SourceSpec`s sorted by name.
 
-    Raises `DataConfigError` whose message has one line per bad field.
+    Raises `DataConfigError` naming every bad field, on one line.
     """
     errors: list[str] = []
     get = lambda k: cfg.get(k, None)
@@ -233,5 +233,9 @@ def validate_data_config(cfg, *, need_tokenizer: bool = True) -> list[SourceSpec
     if items and not any(s.weight > 0 for s in specs) and not errors:
         errors.append("data.sources: expected at least one source with weight > 0, got all 0")
     if errors:
-        raise DataConfigError("invalid data config:\n  " + "\n  ".join(errors))
+        raise DataConfigError(
+            errors[0]
+            if len(errors) == 1
+            else f"{len(errors)} bad data fields: " + "; ".join(errors)
+        )
     return sorted(specs, key=lambda s: s.name)

@@ -9,4 +9,4 @@ from ftjax.errors import DataError  # noqa: F401  (re-exported)
 
 
 class DataConfigError(DataError):
-    """One or more invalid fields of the data config (one line per field)."""
+    """One or more invalid fields of the data config, all named on one line."""

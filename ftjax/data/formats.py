@@ -92,6 +92,9 @@ def _messages(value, field: str, where: str) -> list[dict]:
 def chat_pieces(tokenizer, messages: list[dict], where: str = "") -> list[tuple[str, bool]]:
     """Splits the rendered conversation into (text, is_assistant) pieces.
 
+    >>> from ftjax.data.synthetic import build_char_tokenizer
+    >>> from ftjax.data.tokenize import load_tokenizer
+    >>> tok = load_tokenizer(build_char_tokenizer("tok"))
     >>> chat_pieces(tok, [{"role": "user", "content": "hi"},
     ...                   {"role": "assistant", "content": "yo"}])
     [('<s><|user|>hi<|end|><|assistant|>', False), ('yo<|end|>', True)]

@@ -175,8 +175,8 @@ class Pipeline:
         """This process's rows of global batch `step`, a pure function of the
         config and `step` (see `batching` for the arrays).
 
-            >>> pipe.batch_at(0)["input_ids"].shape
-            (local_batch_size, seq_len)
+        Every array has shape `(local_batch_size, seq_len)` (see `build_pipeline`
+        for an example).
         """
         if step < 0:
             raise ValueError(f"step must be >= 0, got {step}")
@@ -227,9 +227,18 @@ def build_pipeline(data_cfg, tokenizer=None, process_index: int = 0,
     """Validates the config, loads and tokenizes every source, and returns the
     `Pipeline`. `tokenizer` overrides `data_cfg.tokenizer`.
 
-        >>> pipe = build_pipeline(cfg.data)
-        >>> sorted(pipe.batch_at(0))
+        >>> from ftjax.data.synthetic import build_char_tokenizer, suite_data_config, write_suite
+        >>> files = write_suite("suite", seed=0, general_train=100, target_train=50)
+        >>> pipe = build_pipeline(suite_data_config(files, build_char_tokenizer("tok"), seq_len=64))
+        >>> batch = pipe.batch_at(0)
+        >>> sorted(batch)
         ['attention_mask', 'input_ids', 'loss_mask', 'positions', 'segment_ids', 'targets']
+        >>> batch["input_ids"].shape == (pipe.local_batch_size, pipe.seq_len) == (32, 64)
+        True
+        >>> print(pipe.stats_line())  # doctest: +NORMALIZE_WHITESPACE
+        data: 2 source(s), 50 train / 700 eval examples | 1,024 tokens, 37.8% trained |
+        0 truncated, 0 empty dropped, 0 duplicates dropped | packing 88.9% (2.8 examples/row),
+        0.6 steps/epoch
     """
     specs = validate_data_config(data_cfg, need_tokenizer=tokenizer is None)
     # Checked before any loading, so a bad process layout fails fast.

@@ -62,8 +62,7 @@ def total_stats(per_source: dict[str, dict], epoch0_rows: list[list[int]], lengt
 def stats_line(stats: dict) -> str:
     """One line for the training log.
 
-    >>> stats_line(pipeline.stats)
-    'data: 2 sources, 1,900 train / 100 eval examples | 41,200 tokens, 23.1% trained | ...'
+    `Pipeline.stats_line()` calls it; `build_pipeline` shows one.
     """
     s = stats
     return (

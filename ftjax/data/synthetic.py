@@ -58,7 +58,8 @@ def build_char_tokenizer(out_dir: str, chat_template: str | None = CHAT_TEMPLATE
     `ALPHABET`, then the chat role markers. `chat_template=None` leaves the
     chat template out (for testing that case).
 
-        >>> tok = AutoTokenizer.from_pretrained(build_char_tokenizer("/tmp/tok"))
+        >>> from transformers import AutoTokenizer
+        >>> tok = AutoTokenizer.from_pretrained(build_char_tokenizer("tok"))
         >>> tok("ab")["input_ids"]
         [4, 5]
     """
@@ -248,9 +249,11 @@ def write_suite(
     Label noise (a fraction `label_noise` of rows) applies to target_train only:
     that is the data fine-tuning sees.
 
-        >>> paths = write_suite("/tmp/suite", seed=0, general_train=100, target_train=50)
+        >>> paths = write_suite("suite", seed=0, general_train=100, target_train=50)
         >>> sorted(paths)
         ['general_eval', 'general_train', 'manifest', 'target_eval', 'target_train']
+        >>> paths["target_train"]
+        'suite/target_train.jsonl'
     """
     if target_task not in TARGET_TASKS:
         raise DataError(f"target_task={target_task!r}; expected one of {TARGET_TASKS}")
@@ -297,9 +300,10 @@ def suite_data_config(paths: dict[str, str], tokenizer_dir: str, *, general_weig
     eval files. `general_weight=0` keeps general data for eval only (to measure
     forgetting); a positive weight mixes it into training against forgetting.
 
-        >>> cfg = suite_data_config(paths, tok_dir, general_weight=0.2, seq_len=64)
-        >>> cfg.sources.general.weight
-        0.2
+        >>> paths = write_suite("suite", seed=0, general_train=100, target_train=50)
+        >>> cfg = suite_data_config(paths, "tok", general_weight=0.2, seq_len=64)
+        >>> cfg.sources.general.weight, cfg.sources.general.eval_path, cfg.seq_len
+        (0.2, 'suite/general_eval.jsonl', 64)
     """
     from ftjax.data.config import default_data_config, source_config
 

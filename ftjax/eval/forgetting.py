@@ -14,6 +14,8 @@ from collections.abc import Mapping, Sequence
 
 import numpy as np
 
+from ftjax.errors import ConfigError
+
 # Metrics whose direction is known. A name with a suffix (the harness's
 # filters: `exact_match_strict-match`) takes the direction of its known prefix.
 LOWER_IS_BETTER = ("loss", "perplexity", "word_perplexity", "byte_perplexity", "bits_per_byte")
@@ -85,7 +87,7 @@ def forgetting(
                 f"no eval set in common: before has {sorted(before)}, after has {sorted(after)}"
             )
     if "mean" in sets:
-        raise ValueError('an eval set may not be named "mean": that key holds the averages')
+        raise ConfigError('an eval set may not be named "mean": that key holds the averages')
     out: dict = {}
     for name in sets:
         for side, metrics in (("before", before), ("after", after)):

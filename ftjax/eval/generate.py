@@ -10,6 +10,9 @@ token, so a row's padding does not shift its positions.
 
 The params are an ordinary jit argument: plain arrays, adapter leaves (LoRA,
 quantized, ...) and merged params all work unchanged.
+
+In the examples, `model` and `params` are a tiny random Llama and `tok` its
+character tokenizer (set up by tests/test_doctests.py).
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from ftjax.errors import ConfigError
 from ftjax.models import init_kv_cache
 
 
@@ -165,9 +169,13 @@ def generate(
     `min_prompt_width` (rounded up to `pad_to_multiple`): batches padded to one
     width (and one row count) share one compiled program.
 
-    >>> out = generate(model, params, [[1, 5, 9], [1, 7]], max_new_tokens=16, stop_tokens=[2])
-    >>> out.sequences()          # stop token stripped
-    [[12, 4, 4], [8, 8, 8, 8, 8, 8, 8, 8, 8, 8, 8, 8, 8, 8, 8, 8]]
+    >>> out = generate(model, params, [[1, 5, 9], [1, 7]], max_new_tokens=8)
+    >>> out.tokens.shape, out.lengths.tolist(), out.stopped.tolist()
+    ((2, 8), [8, 8], [False, False])
+    >>> first = out.sequences()[0]
+    >>> cut = generate(model, params, [[1, 5, 9], [1, 7]], max_new_tokens=8, stop_tokens=[first[2]])
+    >>> cut.sequences()[0] == first[:2], int(cut.lengths[0]), bool(cut.stopped[0])  # stop stripped
+    (True, 3, True)
     """
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
@@ -179,7 +187,7 @@ def generate(
     context = max_length or model.cfg.max_position_embeddings
     longest = max(len(p) for p in prompts)
     if longest + max_new_tokens > context:
-        raise ValueError(
+        raise ConfigError(
             f"generation request too long: prompt of {longest} tokens + {max_new_tokens} new "
             f"tokens exceeds the model's context of {context} tokens"
         )
@@ -239,8 +247,10 @@ def generate_text(
     kwargs); the text is then cut at the first of `stop_strings`, which may
     span several tokens.
 
-    >>> generate_text(model, params, tok, ["Q: 2+2?\\nA:"], max_new_tokens=8, stop_strings=["\\n"])
-    [' 4']
+    >>> texts = generate_text(model, params, tok, ["Q: 2+2?", "Q: 3+3?"], max_new_tokens=8,
+    ...                       stop_strings=["\\n"])
+    >>> len(texts), all(len(t) <= 8 and "\\n" not in t for t in texts)
+    (2, True)
     """
     stop_tokens = list(kwargs.pop("stop_tokens", ()))
     if tokenizer.eos_token_id is not None:

@@ -39,6 +39,7 @@ except ImportError as e:  # pragma: no cover - exercised only without the extra
 
 import jax
 
+from ftjax.errors import ConfigError
 from ftjax.eval.generate import generate, truncate_at
 from ftjax.eval.scoring import loglikelihoods
 
@@ -98,10 +99,10 @@ class FtjaxLM(TemplateLM):
         unused.pop("device", None)  # the harness always passes these; JAX places arrays itself
         unused.pop("max_batch_size", None)
         if unused:
-            raise TypeError(f"FtjaxLM got unexpected arguments: {sorted(unused)}")
+            raise ConfigError(f"FtjaxLM got unexpected arguments: {sorted(unused)}")
         if model is None or params is None:
             if path is None:
-                raise ValueError("FtjaxLM needs `path` or both `model` and `params`")
+                raise ConfigError("FtjaxLM needs `path` or both `model` and `params`")
             from ftjax.models import from_pretrained
 
             model, params = from_pretrained(path, dtype=dtype, scan_layers=_as_bool(scan_layers))
@@ -111,12 +112,14 @@ class FtjaxLM(TemplateLM):
             params = load_adapter(model.cfg, params, adapter)
         if tokenizer is None or isinstance(tokenizer, str):
             if tokenizer is None and path is None:
-                raise ValueError("FtjaxLM needs a `tokenizer` when built from `model` and `params`")
+                raise ConfigError(
+                    "FtjaxLM needs a `tokenizer` when built from `model` and `params`"
+                )
             import transformers
 
             tokenizer = transformers.AutoTokenizer.from_pretrained(tokenizer or path)
         if tokenizer.eos_token_id is None:
-            raise ValueError("the tokenizer has no EOS token; the harness needs one")
+            raise ConfigError("the tokenizer has no EOS token; the harness needs one")
         self.model, self.params, self.tokenizer = model, params, tokenizer
         self.batch_size = _as_int(batch_size, DEFAULT_BATCH_SIZE)
         self._max_length = _as_int(max_length, model.cfg.max_position_embeddings)
@@ -245,7 +248,7 @@ class FtjaxLM(TemplateLM):
             options, until = parsed[indices[0]]
             budget = self.max_length - options["max_new_tokens"]
             if budget < 1:
-                raise ValueError(
+                raise ConfigError(
                     f"max_gen_toks={options['max_new_tokens']} leaves no room for a prompt in "
                     f"the model's context of {self.max_length} tokens"
                 )

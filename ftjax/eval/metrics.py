@@ -10,6 +10,9 @@ Batches are dicts of arrays (batch, seq) as the data pipeline yields them:
 `input_ids`, `targets` (the next token at each position), `loss_mask` (1 on
 the tokens that count), and optionally `attention_mask`, `positions`,
 `segment_ids` (packed sequences).
+
+In the examples, `model` and `params` are a tiny random Llama and `batch` one
+batch of 11 loss tokens (set up by tests/test_doctests.py).
 """
 
 from __future__ import annotations
@@ -21,6 +24,8 @@ from collections.abc import Iterable, Mapping
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from ftjax.errors import DataError
 
 REQUIRED_KEYS = ("input_ids", "targets", "loss_mask")
 # Model inputs passed through when a batch has them.
@@ -99,7 +104,7 @@ def summarize(sums: Mapping[str, float], name: str = "eval set") -> dict:
     """
     tokens = float(sums["weight_sum"])
     if tokens <= 0:
-        raise ValueError(f"{name} has no loss tokens (its loss_mask sums to 0)")
+        raise DataError(f"{name} has no loss tokens (its loss_mask sums to 0)")
     loss = float(sums["loss_sum"]) / tokens
     return {
         "loss": loss,
@@ -114,8 +119,11 @@ def evaluate_batches(
 ) -> dict:
     """Token-weighted loss, perplexity and next-token accuracy over `batches`.
 
-    >>> evaluate_batches(model, params, [batch])
-    {'loss': 4.57, 'perplexity': 96.5, 'accuracy': 0.02, 'tokens': 211.0, 'batches': 1}
+    >>> r = evaluate_batches(model, params, [batch, batch])
+    >>> sorted(r)
+    ['accuracy', 'batches', 'loss', 'perplexity', 'tokens']
+    >>> r["batches"], r["tokens"], r["perplexity"] == perplexity(r["loss"])
+    (2, 22.0, True)
     """
     pending = []
     for i, batch in enumerate(batches):
@@ -123,7 +131,7 @@ def evaluate_batches(
             break
         pending.append(batch_sums(model, params, batch))  # dispatched, not awaited
     if not pending:
-        raise ValueError(f"{name} yielded no batches")
+        raise DataError(f"{name} yielded no batches")
     host = jax.device_get(pending)
     totals = {k: float(np.sum([np.float64(h[k]) for h in host])) for k in host[0]}
     return {**summarize(totals, name), "batches": len(host)}
@@ -134,8 +142,9 @@ def evaluate_sets(
 ) -> dict[str, dict]:
     """`evaluate_batches` for each named eval set; a dict ready for eval.json.
 
-    >>> evaluate_sets(model, params, {"task": task_batches, "general": wiki_batches})
-    {'task': {'loss': 1.2, ...}, 'general': {'loss': 3.4, ...}}
+    >>> r = evaluate_sets(model, params, {"task": [batch], "general": [batch, batch]})
+    >>> list(r), r["task"]["loss"] == r["general"]["loss"], r["general"]["tokens"]
+    (['task', 'general'], True, 22.0)
     """
     return {
         name: evaluate_batches(

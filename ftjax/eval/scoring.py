@@ -5,6 +5,9 @@ continuations for multiple-choice tasks (HellaSwag / ARC / WinoGrande style).
 continuation) token lists it returns log p(continuation | context) summed over
 the continuation tokens and whether greedy decoding would have produced it. The
 multiple-choice scorer and the lm-evaluation-harness adapter both use it.
+
+In the examples, `model` and `params` are a tiny random Llama and `tok` its
+character tokenizer (set up by tests/test_doctests.py).
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from ftjax.errors import DataError
 from ftjax.eval.metrics import token_log_probs
 
 # ----------------------------------------------------------------------------- exact match
@@ -168,9 +172,12 @@ def loglikelihoods(
     that few shapes compile. Contexts longer than `max_length` (default: the
     model's max_position_embeddings) lose their oldest tokens.
 
-    >>> r = loglikelihoods(model, params, [([1, 5, 6], [7, 8]), ([1, 5, 6], [9])])
-    >>> r.logprob, r.num_tokens, r.is_greedy
-    (array([-9.1, -4.6]), array([2, 1]), array([False, False]))
+    >>> requests = [([1, 5, 6], [7, 8]), ([1, 5, 6], [7]), ([1, 5, 6, 7], [8])]
+    >>> r = loglikelihoods(model, params, requests)
+    >>> r.num_tokens, r.logprob.dtype
+    (array([2, 1, 1]), dtype('float64'))
+    >>> bool(np.isclose(r.logprob[0], r.logprob[1] + r.logprob[2]))   # the chain rule
+    True
     """
     max_length = max_length or model.cfg.max_position_embeddings
     rows = [_row(c, x, max_length) for c, x in requests]
@@ -250,8 +257,11 @@ def score_multiple_choice(
     `scores` holds the raw log-likelihoods, one list per item.
 
     >>> items = [{"context": "The sky is", "choices": [" blue", " green"], "label": 0}]
-    >>> score_multiple_choice(model, params, tokenizer, items)
-    {'acc': 1.0, 'acc_norm': 1.0, 'acc_per_token': 1.0, 'n': 1, 'scores': [[-3.2, -7.9]]}
+    >>> r = score_multiple_choice(model, params, tok, items)
+    >>> sorted(r), r["n"], len(r["scores"][0])
+    (['acc', 'acc_norm', 'acc_per_token', 'n', 'scores'], 1, 2)
+    >>> r["acc"] == float(np.argmax(r["scores"][0]) == 0)
+    True
     """
     if not items:
         raise ValueError("score_multiple_choice needs at least one item")
@@ -260,7 +270,7 @@ def score_multiple_choice(
         context, choices = _field(item, "context"), list(_field(item, "choices"))
         label = int(_field(item, "label"))
         if not 0 <= label < len(choices):
-            raise ValueError(f"item {k}: label {label} is not an index into {len(choices)} choices")
+            raise DataError(f"item {k}: label {label} is not an index into {len(choices)} choices")
         for choice in choices:
             requests.append(encode_pair(tokenizer, context, choice))
             owner.append(k)

@@ -14,6 +14,7 @@ from typing import Any
 
 from ftjax.errors import ModelError
 from ftjax.models import registry
+from ftjax.models.layers import ACTIVATIONS
 
 ATTENTION_KERNELS = ("auto", "block", "xla")
 
@@ -56,6 +57,10 @@ class ModelConfig:
         if self.attention not in ATTENTION_KERNELS:
             raise ModelError(
                 f"attention={self.attention!r}; expected one of {', '.join(ATTENTION_KERNELS)}"
+            )
+        if self.hidden_act not in ACTIVATIONS:
+            raise ModelError(
+                f"hidden_act={self.hidden_act!r}; expected one of {', '.join(ACTIVATIONS)}"
             )
         if self.num_heads % self.num_kv_heads:
             raise ModelError(

@@ -285,6 +285,7 @@ def from_pretrained(
     param_dtype: str | None = None,
     scan_layers: bool = False,
     remat: bool = False,
+    attention: str = "auto",
 ):
     """Loads a HF checkpoint (a local directory or a hub id) as `(model, params)`:
 
@@ -300,6 +301,7 @@ def from_pretrained(
         param_dtype=_dtype(param_dtype or dtype, "param_dtype"),
         scan_layers=scan_layers,
         remat=remat,
+        attention=attention,
     )
     tensors, source = read_tensors(ckpt_dir)
     params = params_from_tensors(cfg, tensors, source)
@@ -310,6 +312,8 @@ def save_pretrained(model, params, out_dir: str, dtype: str | None = None) -> No
     """Writes `config.json` + `model.safetensors` that transformers loads."""
     cfg: ModelConfig = model.cfg
     os.makedirs(out_dir, exist_ok=True)
+    if dtype is not None:
+        dtype = _dtype(dtype, "dtype")
     tensors = tensors_from_params(cfg, params)
     if dtype is not None:
         tensors = {k: v.astype(jnp.dtype(dtype)) for k, v in tensors.items()}

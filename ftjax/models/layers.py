@@ -21,6 +21,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from ftjax.errors import ModelError
+
 Array = jax.Array
 
 
@@ -177,7 +179,7 @@ ACTIVATIONS = {
 
 def activation(name: str):
     if name not in ACTIVATIONS:
-        raise ValueError(f"unsupported activation {name!r}; supported: {', '.join(ACTIVATIONS)}")
+        raise ModelError(f"unsupported activation {name!r}; supported: {', '.join(ACTIVATIONS)}")
     return ACTIVATIONS[name]
 
 
@@ -203,7 +205,7 @@ def rope_inv_freq(head_dim: int, theta: float, scaling: dict | None) -> np.ndarr
         smoothed = (1 - smooth) * scaled / factor + smooth * scaled
         medium = (wavelen >= old_len / high) & (wavelen <= old_len / low)
         return np.where(medium, smoothed, scaled)
-    raise ValueError(f"unsupported rope_scaling type {kind!r}; supported: default, linear, llama3")
+    raise ModelError(f"unsupported rope_scaling type {kind!r}; supported: default, linear, llama3")
 
 
 def rope_cos_sin(positions: Array, inv_freq: np.ndarray):

@@ -34,7 +34,10 @@ from ftjax.peft.lora import LoraWeight, dropout, init_lora
 def column_norm(w, a, b, scale: float, *, factored: bool = True):
     """`||w + scale * a @ b||` over the input axis (-2), in float32, shape `(..., out)`.
 
-    >>> column_norm(jnp.eye(2), jnp.zeros((2, 1)), jnp.zeros((1, 2)), 1.0)   # [1., 1.]
+    >>> column_norm(jnp.eye(2), jnp.zeros((2, 1)), jnp.zeros((1, 2)), 1.0)
+    Array([1., 1.], dtype=float32)
+    >>> column_norm(jnp.eye(2), jnp.ones((2, 1)), jnp.ones((1, 2)), 1.0)   # columns (2, 1)
+    Array([2.236068, 2.236068], dtype=float32)
     """
     w, a, b = (jnp.asarray(t, jnp.float32) for t in (w, a, b))
     if not factored:
@@ -54,8 +57,9 @@ def column_norm(w, a, b, scale: float, *, factored: bool = True):
 class DoraWeight(LoraWeight):
     """The DoRA kernel `m * (w + s a@b) / ||w + s a@b||_col` (see module docstring).
 
-    >>> leaf = init_dora(jax.random.key(0), jnp.eye(4), 2, scale=1.0)
-    >>> leaf.m      # the column norms of the kernel: [1., 1., 1., 1.]
+    >>> leaf = init_dora(jax.random.key(0), 3 * jnp.eye(4), 2, scale=1.0)
+    >>> leaf.m      # the column norms of the kernel
+    Array([3., 3., 3., 3.], dtype=float32)
     """
 
     children = ("w", "a", "b", "m")

@@ -75,6 +75,9 @@ class LoraWeight(WeightLeaf):
     >>> w = jnp.ones((4, 3)); a = jnp.ones((4, 2)); b = jnp.zeros((2, 3))
     >>> leaf = LoraWeight(w, a, b, scale=2.0)
     >>> layers.linear(jnp.ones((1, 4)), leaf)   # == ones(1, 4) @ w while b == 0
+    Array([[4., 4., 4.]], dtype=float32)
+    >>> layers.linear(jnp.ones((1, 4)), LoraWeight(w, a, jnp.ones((2, 3)), scale=2.0))
+    Array([[20., 20., 20.]], dtype=float32)
     """
 
     children = ("w", "a", "b")

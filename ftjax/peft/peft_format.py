@@ -15,8 +15,22 @@ one ftjax implements, or bookkeeping, or at the value that leaves LoRA's
 computation unchanged (`CONFIG_FIELDS`); any other field, including ones a
 later PEFT adds, is refused by name rather than ignored.
 
-    >>> export_adapter(model.cfg, params, "out/adapter", method=m, initial=base)  # ftjax -> PyTorch
-    >>> params = load_adapter(model.cfg, base, "out/adapter")                      # PyTorch -> ftjax
+    >>> import jax, numpy as np
+    >>> from ftjax.peft import build_method
+    >>> method = build_method({"name": "lora", "rank": 4, "alpha": 8, "targets": "qv"})
+    >>> adapted = method.apply(params, jax.random.key(0))
+    >>> config = export_adapter(model.cfg, adapted, "out/adapter", method=method)  # to PyTorch
+    >>> config["r"], config["lora_alpha"], config["target_modules"]
+    (4, 8.0, ['q_proj', 'v_proj'])
+    >>> sorted(os.listdir("out/adapter"))
+    ['adapter_config.json', 'adapter_model.safetensors']
+    >>> loaded = load_adapter(model.cfg, params, "out/adapter")                   # and back
+    >>> q = lambda p: p["model"]["layers_0"]["self_attn"]["q_proj"]["kernel"]
+    >>> np.array_equal(q(loaded).a, q(adapted).a), q(loaded).scale
+    (True, 2.0)
+
+(`model`, `params`: a tiny random Llama and its params, set up by
+tests/test_doctests.py.)
 
 PiSSA adapters only make sense on top of their residual base. `save_adapter`
 refuses them; `export_adapter` (given the base params) rewrites them as a
@@ -242,7 +256,9 @@ def save_adapter(cfg: ModelConfig, params, out_dir: str, *, method=None, **optio
     use_rslora, target_modules, base_model_name_or_path). Returns the config.
     PiSSA leaves are refused (see `export_adapter`).
 
-    >>> save_adapter(model.cfg, params, "run/adapter", method=config.method)
+    Example::
+
+        save_adapter(model.cfg, state_params, "run/adapter", method=config.method)
     """
     if method is not None:
         opts = _method_options(method)
@@ -274,7 +290,10 @@ def export_adapter(
     LoRA with the same scale (`lora_alpha` doubles, or grows by sqrt(2) with
     rsLoRA, as in PEFT's own conversion). Returns the written config.
 
-    >>> export_adapter(model.cfg, params, "run/adapter", method=method, initial=base_params)
+    Example (see the module docstring for one that runs)::
+
+        export_adapter(model.cfg, trained_params, "run/adapter", method=method,
+                       initial=base_params)
     """
     pissa = any(isinstance(x, LoraWeight) and x.rewrites_base for _, x in flatten_paths(params))
     if pissa:
@@ -396,8 +415,10 @@ def load_adapter(cfg: ModelConfig, params, in_dir: str, *, compute: str = "auto"
     Each adapted kernel becomes a `LoraWeight` (or `DoraWeight`) with the scale
     the config implies; scanned params get stacked adapters.
 
-    >>> params = load_adapter(model.cfg, base_params, "hf_adapter/")
-    >>> logits = model.apply({"params": params}, ids)
+    Example::
+
+        params = load_adapter(model.cfg, base_params, "hf_adapter/")
+        logits = model.apply({"params": params}, input_ids)
     """
     config, tensors = read_adapter(in_dir)
     check_config(config, in_dir)
@@ -442,8 +463,10 @@ def pissa_to_lora(params, initial):
     PiSSA leaf becomes rank 2r: `a' = [a, a0]`, `b' = [b; -b0]`, `w' = W`
     (`pissa_to_lora_leaf`); other leaves are kept. Runs outside `jit`.
 
-    >>> lora_params = pissa_to_lora(trained, base_params)
-    >>> save_adapter(cfg, lora_params, "out")
+    Example::
+
+        lora_params = pissa_to_lora(trained_params, base_params)
+        save_adapter(model.cfg, lora_params, "out")
     """
 
     def convert(keypath, leaf, start):

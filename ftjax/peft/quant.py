@@ -196,6 +196,7 @@ def quantize_nf4(w, *, double_quant: bool = True) -> NF4Weight:
     """Quantizes a kernel `(..., in, out)` to NF4, one layer (leading index) at a
     time, with the codes and constants bitsandbytes computes for `w.T`.
 
+    >>> import jax
     >>> q = quantize_nf4(jax.random.normal(jax.random.key(0), (64, 32)))
     >>> q.codes.shape, q.absmax.shape, dequantize_nf4(q).shape
     ((1024,), (32,), (64, 32))

@@ -18,10 +18,18 @@ leaves trains only their adapter parts (LoRA, DoRA, QLoRA); a tree without any
 trains everything (full fine-tuning). BitFit and `freeze` need the method (or
 `trainable=`, a regex on paths or a `path -> bool` predicate).
 
-    >>> method = peft.build_method({"name": "lora", "rank": 4})
-    >>> params = method.apply(params, rng)
-    >>> trainable, frozen = peft.split(params, method)
-    >>> loss, grads = jax.value_and_grad(loss_fn)(trainable)   # params = combine(trainable, frozen)
+    >>> from ftjax import peft
+    >>> method = peft.build_method({"name": "lora", "rank": 4, "targets": "qv"})
+    >>> adapted = method.apply(params, jax.random.key(0))
+    >>> trainable, frozen = peft.split(adapted, method)
+    >>> len(jax.tree.leaves(trainable))   # a and b of 4 kernels; nothing else trains
+    8
+    >>> peft.count(adapted, method)   # (trainable, total); trainable: 2 x 4 x (32+32 + 32+16)
+    (896, 22624)
+
+(`params` in these examples: a tiny two-layer Llama's params, set up by
+tests/test_doctests.py.) Gradients are then taken with respect to `trainable`
+inside a loss that runs the model on `peft.combine(trainable, frozen)`.
 """
 
 from __future__ import annotations
@@ -98,9 +106,14 @@ def split(params, trainable=None):
 
     `trainable`: a `Method`, a regex, a `path -> bool` predicate or None (infer).
 
+    >>> import jax.numpy as jnp
+    >>> from ftjax.peft.lora import LoraWeight
+    >>> w, a, b, s = jnp.ones((4, 3)), jnp.ones((4, 2)), jnp.zeros((2, 3)), jnp.ones(3)
     >>> t, f = split({"k": LoraWeight(w, a, b, 2.0), "norm": s})
-    >>> t   # {"k": LoraWeight(w=None, a=a, b=b), "norm": None}
-    >>> f   # {"k": LoraWeight(w=w, a=None, b=None), "norm": s}
+    >>> t["k"].w is None, t["k"].a is a, t["k"].b is b, t["norm"] is None
+    (True, True, True, True)
+    >>> f["k"].w is w, f["k"].a is None, f["k"].b is None, f["norm"] is s
+    (True, True, True, True)
     """
     return split_with(params, selector(trainable, params))
 
@@ -110,7 +123,11 @@ def combine(trainable, frozen):
 
     Also puts a loaded subset back: `combine(subset, params)`.
 
-    >>> combine(*split(params)) == params
+    >>> from ftjax.peft import build_method
+    >>> adapted = build_method({"name": "lora", "rank": 4}).apply(params, jax.random.key(0))
+    >>> back = combine(*split(adapted))
+    >>> all(x is y for x, y in zip(jax.tree.leaves(back), jax.tree.leaves(adapted)))
+    True
     """
     return jax.tree.map(
         lambda t, f: f if t is None else t, trainable, frozen, is_leaf=lambda x: x is None
@@ -122,7 +139,12 @@ def merge(params):
 
     The result runs in the model as is, or is saved with `save_pretrained`.
 
-    >>> merged = merge(params)   # LoraWeight(w, a, b, s) -> w + s * a @ b
+    >>> import jax.numpy as jnp
+    >>> from ftjax.peft.lora import LoraWeight
+    >>> leaf = LoraWeight(jnp.zeros((2, 2)), jnp.ones((2, 1)), jnp.ones((1, 2)), scale=0.5)
+    >>> merge({"k": leaf})["k"]   # w + scale * a @ b
+    Array([[0.5, 0.5],
+           [0.5, 0.5]], dtype=float32)
     """
     return jax.tree.map(
         lambda x: layers.materialize(x) if is_leaf(x) else x, params, is_leaf=is_leaf
@@ -135,7 +157,11 @@ def count(params, trainable=None) -> tuple[int, int]:
     Works on `jax.ShapeDtypeStruct` trees (from `jax.eval_shape`). NF4 kernels
     count their logical size; adapters count in the total.
 
-    >>> n_trainable, n_total = count(params, method)
+    >>> import jax.numpy as jnp
+    >>> from ftjax.peft.lora import LoraWeight
+    >>> leaf = LoraWeight(jnp.ones((4, 3)), jnp.ones((4, 2)), jnp.zeros((2, 3)), scale=1.0)
+    >>> count({"k": leaf, "norm": jnp.ones(3)})   # a and b train; w and the norm do not
+    (14, 29)
     """
     return count_with(params, selector(trainable, params))
 

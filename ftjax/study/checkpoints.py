@@ -7,7 +7,10 @@ from __future__ import annotations
 
 import os
 
-from ftjax.rundir import RunDir, write_json_atomic
+from ftjax.errors import ConfigError
+from ftjax.rundir import RunDir, make_dirs, write_json_atomic
+
+EXPORT_DTYPES = ("float32", "bfloat16", "float16")
 
 
 def evaluate_checkpoint(
@@ -24,6 +27,8 @@ def evaluate_checkpoint(
     from ftjax.train.restore import load_base_model, load_run_config, restore_run
 
     cfg = load_run_config(workdir)
+    if out:  # a bad output path fails before anything is loaded
+        make_dirs(os.path.dirname(out) or ".", "--out")
     if "eval" not in cfg:
         cfg.eval = default_eval_config()
     if base_only:
@@ -55,7 +60,10 @@ def export_checkpoint(
     from ftjax.peft import registry
     from ftjax.train.restore import load_run_config, restore_run
 
+    if dtype and dtype not in EXPORT_DTYPES:
+        raise ConfigError(f"--dtype={dtype!r}; expected one of {', '.join(EXPORT_DTYPES)}")
     cfg = load_run_config(workdir)
+    make_dirs(out_dir, "--out")  # before anything is loaded
     model, params, base_params, step = restore_run(cfg, workdir, checkpoint)
     written = {"step": step, "hf": os.path.join(out_dir, "hf")}
     save_pretrained(model, peft.merge(params), written["hf"], dtype=dtype or None)

@@ -48,6 +48,39 @@ def default_eval_config() -> ml_collections.ConfigDict:
     )
 
 
+# Eval-section entries that the study layer does not read but a study's own
+# code does (experiments/llm/harness.py: the lm-eval tasks).
+EXTRA_EVAL_FIELDS = ("harness",)
+
+
+def validate_eval_config(ecfg) -> None:
+    """Names, types and ranges of the eval section; a ConfigError naming
+    `eval.<field>` on the first bad one."""
+    from ftjax.errors import ConfigError
+
+    defaults = default_eval_config()
+    for key in ecfg.keys():
+        if key in EXTRA_EVAL_FIELDS:
+            continue
+        if key not in defaults:
+            raise ConfigError(
+                f"eval.{key}: no such field; fields of eval: "
+                f"{', '.join(sorted(list(defaults.keys()) + list(EXTRA_EVAL_FIELDS)))}"
+            )
+        value, default = ecfg[key], defaults[key]
+        if isinstance(default, bool):
+            ok, expected = isinstance(value, bool), "True or False"
+        elif isinstance(default, int):
+            lo = 0 if key == "max_examples" else 1
+            ok = isinstance(value, int) and not isinstance(value, bool) and value >= lo
+            expected = f"an integer >= {lo}" + (" (0: all)" if lo == 0 else "")
+        else:
+            ok = isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0
+            expected = "a positive number"
+        if not ok:
+            raise ConfigError(f"eval.{key}={value!r}; expected {expected}")
+
+
 def training_eval_sets(summary: Mapping, cfg) -> dict[str, dict] | None:
     """The training loop's final evaluation per eval set, read from its
     summary (`eval/<set>/loss`, `eval/<set>/token_accuracy`), when it covered

@@ -12,9 +12,11 @@ aggregated over seeds by `aggregate_values`. Summary keys it understands:
 
 Runs that differ only in `train.seed` are one row, shown as mean ± std.
 
->>> report = build_report("runs/forgetting")   # markdown, rows, figures
->>> write_report("runs/forgetting")            # writes report.md and the PNGs
-'runs/forgetting/report.md'
+Example::
+
+    report = build_report("runs/forgetting")   # markdown, rows, figures
+    write_report("runs/forgetting")            # writes report.md and the PNGs,
+                                               # returns "runs/forgetting/report.md"
 """
 
 from __future__ import annotations
@@ -436,7 +438,11 @@ def write_report(
     """Writes <sweep_dir>/report.md and its plots; returns the markdown path."""
     report = build_report(sweep_dir, target, general, metric)
     for name, fig in report.figures.items():
-        fig.savefig(os.path.join(sweep_dir, name), dpi=110)
+        try:
+            fig.savefig(os.path.join(sweep_dir, name), dpi=110)
+        except OSError as e:
+            where = os.path.join(sweep_dir, name)
+            raise RunDirError(f"{where}: cannot write it ({e.strerror or e})") from None
     path = os.path.join(sweep_dir, "report.md")
     write_text_atomic(path, report.markdown)
     return path

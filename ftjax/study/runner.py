@@ -2,7 +2,7 @@
 each in its own process (`python -m ftjax.study.runner --only=<run>`), one or
 `jobs` at a time; a console line per running run shows its progress.
 
-    >>> main("experiments/forgetting/study.py:quick=1", "runs/q", jobs=2)   # doctest: +SKIP
+    main("experiments/forgetting/study.py:quick=1", "runs/q", jobs=2)
 
 Finished runs are skipped and interrupted ones resume from their checkpoints,
 so rerunning the same command after a kill finishes only what is missing.
@@ -23,7 +23,7 @@ import time
 from collections.abc import Callable
 
 from ftjax.errors import ConfigError, FtjaxError
-from ftjax.rundir import RunDir
+from ftjax.rundir import RunDir, make_dirs
 from ftjax.study.sweep import expand, load_study
 
 # A run started by a sweep: the sweep's pid, and the CPUs the run may use.
@@ -177,7 +177,7 @@ def run_sweep(
         if not selected:
             names = ", ".join(s.name for s in prereqs + runs)
             raise ConfigError(f"--only={only!r} names no run; runs: {names}")
-    os.makedirs(sweep_dir, exist_ok=True)
+    make_dirs(sweep_dir, "--workdir")
     t0 = time.time()
     total = len(selected)
     summaries: dict[int, dict] = {}

@@ -7,7 +7,8 @@ first, e.g. pre-training the base model the sweep fine-tunes). An override dict
 holds `arg` (passed to `get_config`, the switch that rewrites several fields,
 e.g. "method=lora,rank=16") and dotted config paths (`"train.seed": 1`):
 
->>> get_sweep = lambda: product(arg=["method=full", "method=lora"], **{"train.seed": [0, 1]})
+    def get_sweep():
+        return product(arg=["method=full", "method=lora"], **{"train.seed": [0, 1]})
 
 Config strings may contain `{sweep_dir}`, replaced by the sweep's workdir, so a
 fine-tuning run can point at its prerequisite's exported weights.
@@ -23,7 +24,7 @@ import re
 
 import ml_collections
 
-from ftjax.errors import ConfigError
+from ftjax.errors import ConfigError, FtjaxError
 
 
 @dataclasses.dataclass
@@ -61,6 +62,8 @@ def load_study(path: str):
         raise ConfigError(f"--config: no such experiment file {path}")
     name = "ftjax_study_" + re.sub(r"\W", "_", os.path.abspath(path))
     spec = importlib.util.spec_from_file_location(name, path)
+    if spec is None:
+        raise ConfigError(f"--config: {path} is not a Python file; expected an experiment file")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     if not hasattr(module, "get_config"):
@@ -128,6 +131,24 @@ def substitute(cfg: ml_collections.ConfigDict, sweep_dir: str) -> None:
             cfg[key] = value.replace("{sweep_dir}", sweep_dir)
 
 
+def validate_study_config(cfg, origin: str = "") -> None:
+    """A study run's config: the run config (`ftjax.train.validate_run_config`)
+    and the eval section; the error is prefixed by `origin` (the sweep entry)."""
+    from ftjax.study.evaluate import validate_eval_config
+    from ftjax.train import validate_run_config
+
+    try:
+        validate_run_config(cfg)
+        if "eval" in cfg:
+            validate_eval_config(cfg.eval)
+        if "mean" in cfg.data.sources:  # the forgetting averages' key
+            raise ConfigError('data.sources.mean: a source may not be named "mean"')
+    except FtjaxError as e:
+        if not origin:
+            raise
+        raise type(e)(f"{origin}: {e}") from None
+
+
 def _call_with_arg(fn, study_arg: str):
     """get_sweep()/get_prerequisites() may take the study-level arg (e.g. quick=1)."""
     import inspect
@@ -142,7 +163,10 @@ def _join_args(*args) -> str:
 def expand(study, sweep_dir: str, study_arg: str = "") -> tuple[list[RunSpec], list[RunSpec]]:
     """(prerequisite runs, sweep runs), each with its config built and checked.
 
-    `study_arg` (from --config=study.py:ARG) is prepended to every run's arg."""
+    `study_arg` (from --config=study.py:ARG) is prepended to every run's arg.
+    Every run's whole config is validated here (`validate_run_config`, and the
+    study's eval section), so that a bad one stops the sweep before its first
+    run starts; the error names the entry."""
 
     def build(overrides: dict, origin: str) -> ml_collections.ConfigDict:
         cfg = study.get_config(_join_args(study_arg, overrides.get("arg")) or None)
@@ -150,6 +174,7 @@ def expand(study, sweep_dir: str, study_arg: str = "") -> tuple[list[RunSpec], l
             if k not in ("arg", "name"):
                 set_path(cfg, k, v, origin)
         substitute(cfg, os.path.abspath(sweep_dir))
+        validate_study_config(cfg, origin)
         return cfg
 
     prereqs = []

@@ -299,10 +299,9 @@ class Checkpointer:
             keys = list(_flat(tree))
             return jax.tree_util.tree_unflatten(treedef, [flat[k] for k in keys])
 
-        return TrainState(
+        return template._replace(
             step=restored["step"],
             trainable=rebuild(template.trainable, restored["trainable"]),
-            frozen=template.frozen,
             opt_state=rebuild(template.opt_state, restored["opt_state"]),
             rng=restored["rng"],
             skipped=restored["skipped"],

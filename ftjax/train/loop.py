@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import glob
 import os
 import signal
 import statistics
@@ -30,21 +29,18 @@ import time
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from ftjax import peft
 from ftjax.errors import FtjaxError
 from ftjax.eval.metrics import flatten_sets, summarize
-from ftjax.models import ModelConfig, build_model, config_to_hf, from_pretrained
-from ftjax.models.hf import resolve_dir
 from ftjax.rundir import RunDir
 from ftjax.train import metrics as metrics_lib
 from ftjax.train import workdir as workdir_lib
-from ftjax.train.checkpoint import Checkpointer, checksum_files
-from ftjax.train.config import validate_run_config
-from ftjax.train.optim import build_optimizer
+from ftjax.train.checkpoint import Checkpointer
+from ftjax.train.config import check_devices, validate_run_config
 from ftjax.train.parallel import Parallel, to_host
+from ftjax.train.state import build_run, state_info
 from ftjax.train.step import StepConfig, TrainState
 
 
@@ -73,25 +69,6 @@ def maybe_initialize_distributed(pcfg) -> None:
             process_id=pcfg.process_id,
         )
     jax.distributed.initialize(**kwargs)
-
-
-def load_base(mcfg, seed: int):
-    """(model, params, identity) of the model fine-tuning starts from."""
-    options = dict(dtype=mcfg.dtype, scan_layers=mcfg.scan_layers, remat=mcfg.remat)
-    if mcfg.checkpoint:
-        model, params = from_pretrained(mcfg.checkpoint, param_dtype=mcfg.param_dtype, **options)
-        files = glob.glob(os.path.join(resolve_dir(mcfg.checkpoint), "*.safetensors"))
-        base = {"source": mcfg.checkpoint, "checksum": checksum_files(files)}
-    else:
-        cfg = ModelConfig(**{**mcfg.init.to_dict(), "param_dtype": mcfg.param_dtype, **options})
-        model = build_model(cfg)
-        params = model.init(jax.random.key(seed), jnp.zeros((1, 1), jnp.int32))["params"]
-        base = {"source": "random-init", "seed": seed}
-    return model, params, base
-
-
-def model_identity(model) -> dict:
-    return config_to_hf(model.cfg)
 
 
 class TrainingDiverged(FtjaxError):
@@ -221,6 +198,7 @@ def train(cfg, workdir: str, quiet: bool = False) -> RunResult:
     workdir's lock throughout (a second trainer there is refused)."""
     validate_run_config(cfg)
     maybe_initialize_distributed(cfg.parallel)
+    check_devices(cfg, jax.device_count())
     workdir_lib.prepare(workdir)
     main = jax.process_index() == 0
     with workdir_lib.locked(workdir) if main else contextlib.nullcontext():
@@ -235,68 +213,37 @@ def train(cfg, workdir: str, quiet: bool = False) -> RunResult:
 def _build(cfg, workdir: str) -> _Setup:
     from ftjax.data import build_pipeline
 
-    seed = int(cfg.train.seed)
-    model, base_params, base_identity = load_base(cfg.model, seed)
-    # A host copy: the device state is donated to each step, and the base is
-    # needed afterwards (forgetting baselines, weight analysis).
-    base_params = jax.device_get(base_params)
+    # The data first: its errors are the commonest, and cheaper to reach than
+    # a loaded (and, for PiSSA or QLoRA, transformed) model.
     pipeline = build_pipeline(
         cfg.data, process_index=jax.process_index(), process_count=jax.process_count()
     )
     metrics_lib.log(pipeline.stats_line())
-
-    method = peft.build_method(cfg.method)
-    rng_method, rng_train = jax.random.split(jax.random.key(seed + 1))
-    params = method.apply(base_params, rng_method)
-    trainable, frozen = method.split(params)
-    n_trainable, n_total = method.count(params)
+    start = build_run(cfg)
+    info = state_info(start.state, start.method)
     metrics_lib.log(
-        f"method {cfg.method.name}: {n_trainable:,} trainable of {n_total:,} parameters "
-        f"({100.0 * n_trainable / max(n_total, 1):.3f}%)"
+        f"method {cfg.method.name}: {info.n_trainable:,} trainable of {info.n_total:,} "
+        f"parameters ({100.0 * info.trainable_share:.3f}%)"
     )
-
-    tx, schedule = build_optimizer(cfg.optim, cfg.train.steps)
     step_cfg = StepConfig(
         accum_steps=int(cfg.optim.accum_steps),
         z_loss=float(cfg.train.z_loss),
         label_smoothing=float(cfg.train.label_smoothing),
     )
-    par = Parallel(cfg.parallel.mode, model, tx, step_cfg, int(cfg.parallel.model_parallel))
+    model = start.model
+    par = Parallel(cfg.parallel.mode, model, start.tx, step_cfg, int(cfg.parallel.model_parallel))
     par.check_batch_size(int(cfg.data.batch_size), step_cfg.accum_steps)
-    state = TrainState(
-        step=jnp.zeros((), jnp.int32),
-        trainable=trainable,
-        frozen=frozen,
-        opt_state=tx.init(trainable),
-        rng=jax.random.key_data(rng_train),
-        skipped=jnp.zeros((), jnp.int32),
-    )
-    identity = {
-        "model": model_identity(model),
-        "method": cfg.method.to_dict(),
-        "base": base_identity,
-    }
-    ckpt = Checkpointer(
-        os.path.join(workdir, "checkpoints"),
-        identity,
+    ckpt = start.checkpointer(
+        workdir,
         keep=cfg.train.keep,
         best_metric=cfg.train.best_metric or None,
         best_mode=cfg.train.best_mode,
         async_save=cfg.train.async_checkpoint,
     )
-    # FLOPs per token for MFU: matmul weights of the model (not embeddings).
-    n_matmul, n_trainable_matmul = metrics_lib.matmul_param_counts(params, trainable)
-    flops_per_token = metrics_lib.train_flops_per_token(
-        n_matmul, n_trainable_matmul, model.cfg, int(cfg.data.seq_len)
-    )
-    train_state_bytes = int(
-        peft.nbytes(trainable) * 2
-        + peft.nbytes(frozen)
-        + peft.nbytes(jax.eval_shape(tx.init, trainable))
-    )
     return _Setup(
-        model, base_params, pipeline, method, n_trainable, n_total, schedule, par,
-        par.place_state(state), ckpt, flops_per_token, train_state_bytes,
+        model, start.base_params, pipeline, start.method, info.n_trainable, info.n_total,
+        start.schedule, par, par.place_state(start.state), ckpt,
+        info.flops_per_token(model.cfg, int(cfg.data.seq_len)), info.train_state_bytes,
     )  # fmt: skip
 
 

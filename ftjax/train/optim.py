@@ -1,7 +1,11 @@
 """Optimizers and schedules from config, through optax.
 
->>> tx, schedule = build_optimizer(cfg.optim, total_steps=1000)
+>>> from ftjax.train import default_config
+>>> tx, schedule = build_optimizer(default_config().optim, total_steps=1000)
+>>> trainable = {"lora_a": jnp.zeros((8, 4)), "norm": None}   # None: frozen, as `split` gives
 >>> opt_state = tx.init(trainable)
+>>> sorted({x.shape for x in jax.tree.leaves(opt_state)})   # step counts and Adam moments
+[(), (8, 4)]
 
 The optimizer only ever sees the `trainable` tree, so frozen weights get no
 optimizer state (the memory half of PEFT's promise).
@@ -40,6 +44,53 @@ def default_optim_config() -> ml_collections.ConfigDict:
     )
 
 
+def _number(x) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool)
+
+
+def validate_optim_config(cfg, total_steps: int | None = None) -> None:
+    """Names, types and ranges of every optimizer field; each failure is a
+    ConfigError naming `optim.<field>`. `total_steps` (train.steps), when
+    given, bounds the warm-up."""
+    unknown = sorted(set(cfg.keys()) - set(default_optim_config().keys()))
+    if unknown:
+        raise ConfigError(
+            f"optim.{unknown[0]}: no such optimizer field; fields: "
+            f"{', '.join(sorted(default_optim_config().keys()))}"
+        )
+    if cfg.name not in OPTIMIZERS:
+        raise ConfigError(f"optim.name={cfg.name!r}; expected one of {', '.join(OPTIMIZERS)}")
+    if cfg.schedule not in SCHEDULES:
+        raise ConfigError(
+            f"optim.schedule={cfg.schedule!r}; expected one of {', '.join(SCHEDULES)}"
+        )
+    if not _number(cfg.lr) or cfg.lr <= 0:
+        raise ConfigError(f"optim.lr={cfg.lr!r}; expected a positive learning rate")
+    ranges = {
+        "end_lr_fraction": (0.0, 1.0, "a fraction in [0, 1]"),
+        "weight_decay": (0.0, None, "a number >= 0"),
+        "b1": (0.0, 1.0, "a number in [0, 1]"),
+        "b2": (0.0, 1.0, "a number in [0, 1]"),
+        "momentum": (0.0, 1.0, "a number in [0, 1]"),
+        "clip_norm": (0.0, None, "a number >= 0 (0: no clipping)"),
+    }
+    for key, (lo, hi, expected) in ranges.items():
+        value = cfg.get(key)
+        if not _number(value) or value < lo or (hi is not None and value > hi):
+            raise ConfigError(f"optim.{key}={value!r}; expected {expected}")
+    if not _number(cfg.eps) or cfg.eps <= 0:
+        raise ConfigError(f"optim.eps={cfg.eps!r}; expected a positive number")
+    for key, lo in (("warmup_steps", 0), ("accum_steps", 1)):
+        value = cfg.get(key)
+        if not isinstance(value, int) or isinstance(value, bool) or value < lo:
+            raise ConfigError(f"optim.{key}={value!r}; expected an integer >= {lo}")
+    if total_steps is not None and cfg.warmup_steps > total_steps:
+        raise ConfigError(
+            f"optim.warmup_steps={cfg.warmup_steps} is larger than "
+            f"train.steps={total_steps}; expected warmup_steps <= steps"
+        )
+
+
 def build_schedule(cfg, total_steps: int) -> optax.Schedule:
     if cfg.schedule not in SCHEDULES:
         raise ConfigError(
@@ -73,12 +124,7 @@ def decay_mask(params):
 
 def build_optimizer(cfg, total_steps: int) -> tuple[optax.GradientTransformation, optax.Schedule]:
     """(tx, schedule) for `cfg` = `default_optim_config()` with overrides."""
-    if cfg.name not in OPTIMIZERS:
-        raise ConfigError(f"optim.name={cfg.name!r}; expected one of {', '.join(OPTIMIZERS)}")
-    if cfg.lr <= 0:
-        raise ConfigError(f"optim.lr={cfg.lr}; expected a positive learning rate")
-    if int(cfg.accum_steps) < 1:
-        raise ConfigError(f"optim.accum_steps={cfg.accum_steps}; expected an integer >= 1")
+    validate_optim_config(cfg)
     schedule = build_schedule(cfg, total_steps)
     if cfg.name == "adamw":
         opt = optax.adamw(

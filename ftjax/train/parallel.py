@@ -27,6 +27,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from ftjax.errors import ConfigError
 from ftjax.models.registry import FamilySpec, get_family, module_regex
 from ftjax.train.step import StepConfig, TrainState, eval_step, train_step
 
@@ -79,14 +80,16 @@ def _model_parallel_size(n: int, model_cfg, requested: int) -> int:
 class Parallel:
     """Compiles and runs the step for one mode.
 
-    >>> par = Parallel("fsdp", model, tx, StepConfig())
-    >>> state = par.place_state(state)
-    >>> state, metrics = par.train_step(state, par.place_batch(batch))
+    Example::
+
+        par = Parallel("fsdp", model, tx, StepConfig())
+        state = par.place_state(state)
+        state, metrics = par.train_step(state, par.place_batch(batch))
     """
 
     def __init__(self, mode, model, tx, step_cfg: StepConfig, model_parallel: int = 0):
         if mode not in MODES:
-            raise ValueError(f"parallel.mode={mode!r}; expected one of {', '.join(MODES)}")
+            raise ConfigError(f"parallel.mode={mode!r}; expected one of {', '.join(MODES)}")
         self.mode, self.model, self.tx, self.step_cfg = mode, model, tx, step_cfg
         devices = jax.devices()
         self.num_devices = 1 if mode == "single" else len(devices)
@@ -96,7 +99,7 @@ class Parallel:
         elif mode == "tensor":
             m = _model_parallel_size(len(devices), model.cfg, model_parallel)
             if len(devices) % m:
-                raise ValueError(
+                raise ConfigError(
                     f"parallel.model_parallel={m} does not divide the {len(devices)} devices"
                 )
             self.mesh = Mesh(np.array(devices).reshape(-1, m), ("data", "model"))
@@ -116,12 +119,12 @@ class Parallel:
 
     def check_batch_size(self, global_batch: int, accum_steps: int = 1):
         if global_batch % accum_steps:
-            raise ValueError(
+            raise ConfigError(
                 f"data.batch_size={global_batch} is not divisible by optim.accum_steps={accum_steps}"
             )
         per_micro = global_batch // accum_steps
         if per_micro % self.data_parallel:
-            raise ValueError(
+            raise ConfigError(
                 f"data.batch_size={global_batch} (micro-batch {per_micro}) is not divisible by "
                 f"the {self.data_parallel} data-parallel devices of parallel.mode={self.mode}"
             )

@@ -6,16 +6,13 @@ from __future__ import annotations
 import os
 
 import jax
-import jax.numpy as jnp
 import ml_collections
 
 from ftjax import peft
 from ftjax.errors import CheckpointError, RunDirError
 from ftjax.rundir import RunDir
 from ftjax.train.checkpoint import Checkpointer
-from ftjax.train.loop import load_base, model_identity
-from ftjax.train.optim import build_optimizer
-from ftjax.train.step import TrainState
+from ftjax.train.state import build_run, load_base
 
 
 def load_run_config(workdir: str) -> ml_collections.ConfigDict:
@@ -36,26 +33,9 @@ def restore_run(cfg, workdir: str, which: str = "latest"):
     """(model, params, base_params, step): the combined params of checkpoint
     `which` ("latest", "best" or a step number) of the run in `workdir`.
     "latest" is the newest intact checkpoint (damaged newer ones are skipped)."""
-    seed = int(cfg.train.seed)
-    model, base_params, base_identity = load_base(cfg.model, seed)
-    base_params = jax.device_get(base_params)
-    method = peft.build_method(cfg.method)
-    rng_method, rng_train = jax.random.split(jax.random.key(seed + 1))
-    params = method.apply(base_params, rng_method)
-    trainable, frozen = method.split(params)
-    tx, _ = build_optimizer(cfg.optim, cfg.train.steps)
-    template = TrainState(
-        jnp.zeros((), jnp.int32), trainable, frozen, tx.init(trainable),
-        jax.random.key_data(rng_train), jnp.zeros((), jnp.int32),
-    )  # fmt: skip
-    identity = {
-        "model": model_identity(model),
-        "method": cfg.method.to_dict(),
-        "base": base_identity,
-    }
-    ckpt = Checkpointer(
-        os.path.join(workdir, "checkpoints"), identity, async_save=False, read_only=True
-    )
+    start = build_run(cfg)  # the template, and the frozen part no checkpoint holds
+    template = start.state
+    ckpt = start.checkpointer(workdir, async_save=False, read_only=True)
     try:
         if which == "latest":
             state, step = ckpt.restore_latest(template, set_aside=False)
@@ -66,7 +46,7 @@ def restore_run(cfg, workdir: str, which: str = "latest"):
             state = ckpt.restore(template, step)
     finally:
         ckpt.close()
-    return model, peft.combine(state.trainable, state.frozen), base_params, step
+    return start.model, peft.combine(state.trainable, state.frozen), start.base_params, step
 
 
 def _checkpoint_step(ckpt: Checkpointer, workdir: str, which: str) -> int:

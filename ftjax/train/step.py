@@ -23,6 +23,9 @@ from ftjax import peft
 
 
 class TrainState(NamedTuple):
+    """A run's state; built by `ftjax.train.state` (the one builder, which
+    holds the seed convention), advanced by `train_step`."""
+
     step: jax.Array  # int32 scalar
     trainable: Any
     frozen: Any
@@ -128,10 +131,9 @@ def train_step(state: TrainState, batch: dict, *, model, tx, cfg: StepConfig = S
     new_trainable = optax.apply_updates(state.trainable, updates)
     # NaN/Inf guard: keep the old parameters and optimizer state, count the skip.
     keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
-    new_state = TrainState(
+    new_state = state._replace(
         step=state.step + 1,
         trainable=keep(new_trainable, state.trainable),
-        frozen=state.frozen,
         opt_state=keep(new_opt_state, state.opt_state),
         rng=jax.random.key_data(rng),
         skipped=state.skipped + (~finite).astype(jnp.int32),

@@ -1,8 +1,14 @@
 """ftjax's built-in methods: one module each, registered in `ftjax.peft.registry`.
 
+    >>> import jax
     >>> method = build_method({"name": "lora", "rank": 8, "alpha": 16, "targets": "qv"})
-    >>> params = method.apply(params, jax.random.key(0))
-    >>> trainable, frozen = method.split(params)
+    >>> adapted = method.apply(params, jax.random.key(0))
+    >>> trainable, frozen = method.split(adapted)
+    >>> trainable["model"]["layers_0"]["self_attn"]["q_proj"]["kernel"]
+    LoraWeight(w=None, a=float32[32, 8], b=float32[8, 32], scale=2.0, dropout=0.0,
+               compute='auto', init=None)
+
+(`params`: a tiny Llama's params, set up by tests/test_doctests.py.)
 
 - `full`: everything trains.
 - `lora`: rank, alpha, rslora (scale alpha/sqrt(r) instead of alpha/r), dropout,
