@@ -25,6 +25,7 @@ from __future__ import annotations
 import functools
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -260,3 +261,13 @@ def assert_one_error_line(proc, *fragments) -> str:
     for fragment in fragments:
         assert fragment in lines[-1], lines[-1]
     return lines[-1]
+
+
+def doc_block(path: str, heading: str) -> str:
+    """The one python block of a docs page's section `## <heading>`: the doc
+    tests run exactly what the page shows."""
+    with open(path, encoding="utf-8") as f:
+        section = f.read().split(f"## {heading}", 1)[1].split("\n## ", 1)[0]
+    blocks = re.findall(r"```python\n(.*?)```", section, re.S)
+    assert len(blocks) == 1, f"{path} '{heading}' must hold exactly one python block"
+    return blocks[0]

@@ -7,7 +7,6 @@ adapter loading in HF PEFT with the same logits."""
 import dataclasses
 import importlib.util
 import os
-import re
 import sys
 import types
 
@@ -16,7 +15,7 @@ import numpy as np
 import pytest
 import torch
 import transformers
-from hf_fixtures import torch_logits
+from hf_fixtures import doc_block, torch_logits
 
 from ftjax import peft
 from ftjax.models import ModelConfig, build_model, from_pretrained, registry, save_pretrained
@@ -30,15 +29,6 @@ QUICK = os.path.join(ROOT, "experiments", "quick", "train.py")
 pytestmark = pytest.mark.slow  # torch parity and a training run of the doc's family
 
 
-def doc_block() -> str:
-    """The one python block of the "Adding a model family" section."""
-    with open(DOC, encoding="utf-8") as f:
-        section = f.read().split("## Adding a model family", 1)[1].split("\n## ", 1)[0]
-    blocks = re.findall(r"```python\n(.*?)```", section, re.S)
-    assert len(blocks) == 1, "the section must hold exactly one python block"
-    return blocks[0]
-
-
 @pytest.fixture(scope="module")
 def family():
     """The doc's module, executed as a module of its own; the registry is
@@ -47,7 +37,7 @@ def family():
     module = types.ModuleType("docs_models_example")
     sys.modules[module.__name__] = module
     try:
-        exec(compile(doc_block(), DOC, "exec"), module.__dict__)
+        exec(compile(doc_block(DOC, "Adding a model family"), DOC, "exec"), module.__dict__)
         yield module
     finally:
         registry._FAMILIES.clear()

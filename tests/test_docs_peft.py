@@ -5,12 +5,12 @@ the parameters it claims: the normalization layers inside the decoder."""
 
 import importlib.util
 import os
-import re
 import sys
 import types
 
 import numpy as np
 import pytest
+from hf_fixtures import doc_block
 
 from ftjax.peft import registry
 from ftjax.peft.base import flatten_paths
@@ -21,21 +21,12 @@ DOC = os.path.join(ROOT, "docs", "peft.md")
 QUICK = os.path.join(ROOT, "experiments", "quick", "train.py")
 
 
-def doc_block() -> str:
-    """The one python block of the "Adding a method" section."""
-    with open(DOC, encoding="utf-8") as f:
-        section = f.read().split("## Adding a method", 1)[1].split("\n## ", 1)[0]
-    blocks = re.findall(r"```python\n(.*?)```", section, re.S)
-    assert len(blocks) == 1, "the section must hold exactly one python block"
-    return blocks[0]
-
-
 @pytest.fixture(scope="module")
 def method():
     module = types.ModuleType("docs_peft_example")
     sys.modules[module.__name__] = module
     try:
-        exec(compile(doc_block(), DOC, "exec"), module.__dict__)
+        exec(compile(doc_block(DOC, "Adding a method"), DOC, "exec"), module.__dict__)
         yield module
     finally:
         registry.unregister("ln_tuning")

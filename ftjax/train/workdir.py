@@ -14,20 +14,14 @@ import os
 import socket
 
 from ftjax.errors import RunDirError
+from ftjax.rundir import make_dirs
 
 LOCK_NAME = ".lock"
 
 
 def prepare(workdir: str) -> None:
     """Creates `workdir` (and its parents), or says in one line why it cannot."""
-    if os.path.exists(workdir) and not os.path.isdir(workdir):
-        raise RunDirError(f"--workdir={workdir}: is a file; expected a run directory")
-    try:
-        os.makedirs(workdir, exist_ok=True)
-    except OSError as e:
-        raise RunDirError(
-            f"--workdir={workdir}: cannot create it ({e.strerror or e}); expected a writable path"
-        ) from None
+    make_dirs(workdir, "--workdir")
 
 
 @contextlib.contextmanager
