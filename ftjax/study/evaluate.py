@@ -57,28 +57,20 @@ def validate_eval_config(ecfg) -> None:
     """Names, types and ranges of the eval section; a ConfigError naming
     `eval.<field>` on the first bad one."""
     from ftjax.errors import ConfigError
+    from ftjax.train.config import check_fields
 
     defaults = default_eval_config()
-    for key in ecfg.keys():
-        if key in EXTRA_EVAL_FIELDS:
+    check_fields("eval", ecfg, defaults, skip=EXTRA_EVAL_FIELDS)  # names and types
+    for key, value in ecfg.items():  # ranges: counts >= 1 (max_examples 0: all), eps > 0
+        default = defaults.get(key)
+        if key in EXTRA_EVAL_FIELDS or isinstance(default, bool):
             continue
-        if key not in defaults:
-            raise ConfigError(
-                f"eval.{key}: no such field; fields of eval: "
-                f"{', '.join(sorted(list(defaults.keys()) + list(EXTRA_EVAL_FIELDS)))}"
-            )
-        value, default = ecfg[key], defaults[key]
-        if isinstance(default, bool):
-            ok, expected = isinstance(value, bool), "True or False"
-        elif isinstance(default, int):
+        if isinstance(default, int):
             lo = 0 if key == "max_examples" else 1
-            ok = isinstance(value, int) and not isinstance(value, bool) and value >= lo
-            expected = f"an integer >= {lo}" + (" (0: all)" if lo == 0 else "")
-        else:
-            ok = isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0
-            expected = "a positive number"
-        if not ok:
-            raise ConfigError(f"eval.{key}={value!r}; expected {expected}")
+            if value < lo:
+                raise ConfigError(f"eval.{key}={value!r}; expected an integer >= {lo}")
+        elif value <= 0:
+            raise ConfigError(f"eval.{key}={value!r}; expected a positive number")
 
 
 def training_eval_sets(summary: Mapping, cfg) -> dict[str, dict] | None:

@@ -129,7 +129,7 @@ def _type_name(default) -> str:
     )
 
 
-def _check_fields(section: str, cfg, defaults, skip=()) -> None:
+def check_fields(section: str, cfg, defaults, skip=()) -> None:
     """Every field of `cfg` is one of `defaults` and has its type."""
     for key in cfg.keys():
         if key in skip:
@@ -179,7 +179,7 @@ def validate_model_config(mcfg) -> None:
     options, and `model.init` fields that are ModelConfig fields (a random
     init's architecture is built here, so its own checks run too)."""
     defaults = default_model_config()
-    _check_fields("model", mcfg, defaults, skip=("init",))
+    check_fields("model", mcfg, defaults, skip=("init",))
     for key in ("dtype", "param_dtype"):
         if mcfg.get(key, defaults[key]) not in DTYPES:
             raise ConfigError(f"model.{key}={mcfg.get(key)!r}; expected one of {', '.join(DTYPES)}")
@@ -231,7 +231,7 @@ def ignored_init_fields(mcfg, model_cfg) -> str | None:
 
 
 def validate_train_config(tcfg) -> None:
-    _check_fields("train", tcfg, default_train_config())
+    check_fields("train", tcfg, default_train_config())
     s = "train"
     _check_range(s, tcfg, "steps", 1, "a positive integer")
     _check_range(s, tcfg, "log_every", 1, "a positive integer")
@@ -247,7 +247,7 @@ def validate_train_config(tcfg) -> None:
 
 
 def validate_parallel_config(pcfg) -> None:
-    _check_fields("parallel", pcfg, default_parallel_config())
+    check_fields("parallel", pcfg, default_parallel_config())
     if pcfg.mode not in MODES:
         raise ConfigError(f"parallel.mode={pcfg.mode!r}; expected one of {', '.join(MODES)}")
     _check_range("parallel", pcfg, "model_parallel", 0, "an integer >= 1 (0: automatic)")
