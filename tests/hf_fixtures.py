@@ -40,7 +40,8 @@ from ftjax.models import ModelConfig, build_model
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 VOCAB = 97  # <eos> + 95 printable ASCII characters + newline (char_tokenizer)
 
-_COMMON = dict(
+# The fields every tiny checkpoint shares (a family's own fields added per entry).
+TINY_HF_FIELDS = dict(
     vocab_size=VOCAB,
     hidden_size=32,
     intermediate_size=48,
@@ -52,9 +53,9 @@ _COMMON = dict(
 )
 
 TINY_CONFIGS = {
-    "llama2": lambda: transformers.LlamaConfig(**{**_COMMON, "num_key_value_heads": 4}),
+    "llama2": lambda: transformers.LlamaConfig(**{**TINY_HF_FIELDS, "num_key_value_heads": 4}),
     "llama3": lambda: transformers.LlamaConfig(
-        **_COMMON,
+        **TINY_HF_FIELDS,
         rope_theta=500000.0,
         rope_scaling={
             "rope_type": "llama3",
@@ -64,10 +65,10 @@ TINY_CONFIGS = {
             "original_max_position_embeddings": 16,
         },
     ),
-    "llama_tied": lambda: transformers.LlamaConfig(**_COMMON, tie_word_embeddings=True),
-    "mistral": lambda: transformers.MistralConfig(**_COMMON, sliding_window=6),
-    "qwen2": lambda: transformers.Qwen2Config(**_COMMON, tie_word_embeddings=True),
-    "qwen3": lambda: transformers.Qwen3Config(**_COMMON, head_dim=16),
+    "llama_tied": lambda: transformers.LlamaConfig(**TINY_HF_FIELDS, tie_word_embeddings=True),
+    "mistral": lambda: transformers.MistralConfig(**TINY_HF_FIELDS, sliding_window=6),
+    "qwen2": lambda: transformers.Qwen2Config(**TINY_HF_FIELDS, tie_word_embeddings=True),
+    "qwen3": lambda: transformers.Qwen3Config(**TINY_HF_FIELDS, head_dim=16),
     "gpt2": lambda: transformers.GPT2Config(
         vocab_size=VOCAB,
         n_embd=32,

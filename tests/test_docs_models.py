@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import torch
 import transformers
-from hf_fixtures import doc_block, torch_logits
+from hf_fixtures import TINY_HF_FIELDS, doc_block, torch_logits
 
 from ftjax import peft
 from ftjax.models import ModelConfig, build_model, from_pretrained, registry, save_pretrained
@@ -46,16 +46,7 @@ def family():
 
 
 def tiny_torch_model(seed=0):
-    config = transformers.Starcoder2Config(
-        vocab_size=97,
-        hidden_size=32,
-        intermediate_size=48,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=128,
-        attn_implementation="eager",
-    )
+    config = transformers.Starcoder2Config(**TINY_HF_FIELDS)
     torch.manual_seed(seed)
     model = transformers.AutoModelForCausalLM.from_config(config)
     with torch.no_grad():  # random (not zero) biases and norms, so parity exercises them
