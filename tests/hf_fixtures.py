@@ -234,6 +234,28 @@ def script_cmd(name: str, *args) -> list[str]:
     return [sys.executable, os.path.join(ROOT, "scripts", name), *map(str, args)]
 
 
+# libtpu, for the tests that compile for a Cloud TPU slice with no TPU
+# attached: installed by .ci/run into <repo>/.tpu-site (README, "Running on
+# Cloud TPU"), seen only by those tests' subprocesses, so that ordinary tests
+# never load it.
+LIBTPU_SITE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), ".tpu-site")
+
+
+def libtpu_env() -> dict | None:
+    """Environment for a subprocess that can compile for TPU, or None where
+    libtpu is neither installed nor in .tpu-site."""
+    import importlib.util
+
+    if importlib.util.find_spec("libtpu") is not None:
+        return dict(os.environ)
+    if not os.path.isdir(os.path.join(LIBTPU_SITE, "libtpu")):
+        return None
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (LIBTPU_SITE, env.get("PYTHONPATH")) if p)
+    env.pop("XLA_FLAGS", None)  # the simulated CPU devices of conftest are not wanted there
+    return env
+
+
 def run_script(name: str, *args, check: bool = False, timeout: float = 600, env=None, cwd=None):
     """`scripts/<name> args...` to completion (`env`: extra variables); with
     `check`, a non-zero exit fails the test with the script's output."""

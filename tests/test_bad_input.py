@@ -362,7 +362,7 @@ def test_model_init_holds_the_architecture_only():
     assert "dtype" not in cfg.model.init and "attention" in cfg.model
     cfg.model.init.remat = True
     assert _refused(cfg) == (
-        "model.init.remat=True conflicts with model.remat=False; set model.remat "
+        "model.init.remat='full' conflicts with model.remat='none'; set model.remat "
         "(model.init holds the architecture only)"
     )
     del cfg.model.init["remat"]

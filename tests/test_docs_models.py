@@ -138,6 +138,24 @@ def test_doc_family_trains_through_the_config_machinery(family, tmp_path):
     np.testing.assert_allclose(torch_logits(adapted_torch, ids), want, atol=1e-4)
 
 
+@pytest.mark.parametrize("tie", [False, True])
+def test_doc_family_chunked_loss_equals_dense(family, tie):
+    """The doc's `return_hidden` and head paths: the chunked loss (`train.loss_chunk`)
+    gives the dense sums."""
+    from ftjax.train import eval_step
+
+    cfg = ModelConfig(model_type="starcoder2", vocab_size=50, num_layers=1,
+                      tie_word_embeddings=tie)  # fmt: skip
+    model = build_model(cfg)
+    params = model.init(jax.random.key(0), np.zeros((1, 3), np.int32))["params"]
+    ids = np.random.default_rng(0).integers(0, 50, (2, 9)).astype(np.int32)
+    batch = {"input_ids": ids, "targets": np.roll(ids, -1, 1), "loss_mask": np.ones((2, 9))}
+    sums = lambda chunk: eval_step(*peft.split(params), batch, model=model, loss_chunk=chunk)
+    dense, chunked = sums(0), sums(4)
+    np.testing.assert_allclose(chunked["loss_sum"], dense["loss_sum"], rtol=1e-6)
+    assert float(chunked["correct_sum"]) == float(dense["correct_sum"])
+
+
 def test_random_init_builds_without_a_checkpoint(family):
     cfg = ModelConfig(model_type="starcoder2", vocab_size=50, num_layers=1)
     params = build_model(cfg).init(jax.random.key(0), np.zeros((1, 3), np.int32))["params"]

@@ -51,6 +51,7 @@ MODULES = [
     "ftjax.peft.tree",
     "ftjax.rundir",
     "ftjax.study.report",
+    "ftjax.train.loss",
     "ftjax.train.optim",
     "ftjax.train.state",
 ]

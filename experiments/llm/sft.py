@@ -103,7 +103,7 @@ def base_config(o: dict):
     # Layers scanned (one compiled layer; with QLoRA/LoRA one layer's dequantized or
     # adapted kernels live at a time: docs/benchmarks.md measured 1.2-1.4x faster
     # steps and 14-16% lower peak memory at a weights-dominated size) and rematerialized.
-    cfg.model.update(checkpoint=o["model"], dtype=o["dtype"], param_dtype="float32", remat=True,
+    cfg.model.update(checkpoint=o["model"], dtype=o["dtype"], param_dtype="float32", remat="full",
                      scan_layers=True)  # fmt: skip
     cfg.data = default_data_config()
     cfg.data.update(tokenizer=o.get("tokenizer") or o["model"], seq_len=int(o["seq_len"]),

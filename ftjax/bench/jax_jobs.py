@@ -139,7 +139,7 @@ class JaxTrain(TrainStep, JaxJob):
         state = jax.jit(build, donate_argnums=0)(params)
         del params
         info = state_info(state, method)
-        par = Parallel("single", model, tx, StepConfig())
+        par = Parallel("single", model, tx, StepConfig(loss_chunk=spec.get("loss_chunk", -1)))
         state = par.place_state(state)
         batch = par.place_batch(synthetic_batch(cfg.vocab_size, spec["batch"], spec["seq"]))
         t0 = time.perf_counter()

@@ -31,6 +31,15 @@ from ftjax.data.sources import seeded_rng
 from ftjax.data.tokenize import Examples
 
 BATCH_KEYS = ("input_ids", "targets", "loss_mask", "positions", "segment_ids", "attention_mask")
+# The dtype of each key (the table above): what the planner compiles the step for.
+BATCH_DTYPES = {
+    "input_ids": np.int32,
+    "targets": np.int32,
+    "loss_mask": np.float32,
+    "positions": np.int32,
+    "segment_ids": np.int32,
+    "attention_mask": np.int32,
+}
 
 
 def process_slice(batch_size: int, process_index: int, process_count: int) -> slice:

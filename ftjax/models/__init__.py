@@ -5,7 +5,7 @@ Each model family is one module under `families/` that registers a
 
 from ftjax.models import families  # noqa: F401  (registers the built-in families)
 from ftjax.models.config import ModelConfig
-from ftjax.models.decoder import init_kv_cache
+from ftjax.models.decoder import OutputHead, head_logits, init_kv_cache, output_head
 from ftjax.models.hf import (
     CheckpointError,
     config_from_hf,
@@ -32,16 +32,19 @@ __all__ = [
     "CheckpointError",
     "FamilySpec",
     "ModelConfig",
+    "OutputHead",
     "all_families",
     "build_model",
     "config_from_hf",
     "config_to_hf",
     "from_pretrained",
     "get_family",
+    "head_logits",
     "hf_name",
     "init_kv_cache",
     "layers_prefix",
     "model_types",
+    "output_head",
     "register_family",
     "save_pretrained",
     "stack_layers",

@@ -16,7 +16,13 @@ from ftjax.errors import ModelError
 from ftjax.models import registry
 from ftjax.models.layers import ACTIVATIONS
 
-ATTENTION_KERNELS = ("auto", "block", "xla")
+ATTENTION_KERNELS = ("auto", "block", "xla", "splash", "cudnn")  # attention.KERNELS
+# What the backward pass keeps of each layer (`decoder.remat_policy`): "none"
+# keeps every activation; "full" only the layer's input (everything inside is
+# recomputed); "dots" also the matmul outputs; "attention" also the attention
+# output, so the attention kernel is not rerun; "offload" keeps the attention
+# output and the MLP hidden activations in host memory (TPU/GPU).
+REMAT_POLICIES = ("none", "full", "dots", "attention", "offload")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -46,14 +52,19 @@ class ModelConfig:
     dtype: str = "float32"  # compute dtype
     param_dtype: str = "float32"
     scan_layers: bool = False
-    remat: bool = False
-    # Attention kernel (see `layers.dot_product_attention`): "auto" picks the
-    # causal block kernel for long training sequences, "xla" always computes
-    # the whole score matrix through jax.nn.dot_product_attention.
+    remat: str = "none"  # REMAT_POLICIES; True / False are read as "full" / "none"
+    # Attention kernel (`attention.dot_product_attention`): "auto" picks by the
+    # target platform (TPU splash, GPU cuDNN, CPU the causal block kernel for
+    # long training sequences); "xla" always computes the whole score matrix
+    # through jax.nn.dot_product_attention; "block", "splash", "cudnn" ask for one.
     attention: str = "auto"
 
     def __post_init__(self):
         family = registry.get_family(self.model_type)
+        if isinstance(self.remat, bool):  # the older boolean form
+            object.__setattr__(self, "remat", "full" if self.remat else "none")
+        if self.remat not in REMAT_POLICIES:
+            raise ModelError(f"remat={self.remat!r}; expected one of {', '.join(REMAT_POLICIES)}")
         if self.attention not in ATTENTION_KERNELS:
             raise ModelError(
                 f"attention={self.attention!r}; expected one of {', '.join(ATTENTION_KERNELS)}"

@@ -1,7 +1,8 @@
 """What every decoder family shares around its layers: the attention mask,
-rotary tables and KV-cache bookkeeping computed once per call, and the layer
+rotary tables and KV-cache bookkeeping computed once per call, the layer
 stack applied as a Python loop or under `nn.scan` (stacked params), with
-optional activation checkpointing."""
+optional activation checkpointing, and the output head applied outside the
+module (`output_head`, `head_logits`) for the chunked loss."""
 
 from __future__ import annotations
 
@@ -11,8 +12,9 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from ftjax.models import layers
+from ftjax.models import attention, layers
 from ftjax.models.config import ModelConfig
+from ftjax.models.registry import get_family
 
 
 class DecoderInputs(NamedTuple):
@@ -22,6 +24,7 @@ class DecoderInputs(NamedTuple):
     sin: Any
     cache_index: Any  # write offset into the KV cache, or None
     kv_valid: Any  # (batch, kv) bool, kept in the cache for later steps
+    segment_ids: Any = None  # (batch, q) packed-example ids, or None
 
 
 def init_kv_cache(cfg: ModelConfig, batch: int, max_len: int, dtype=None) -> dict:
@@ -64,11 +67,58 @@ def decoder_inputs(
     if rotary:
         inv_freq = layers.rope_inv_freq(cfg.head_size, cfg.rope_theta, cfg.rope_scaling_dict)
         cos, sin = layers.rope_cos_sin(positions, inv_freq)
-    return DecoderInputs(mask, positions, cos, sin, index, kv_valid)
+    return DecoderInputs(mask, positions, cos, sin, index, kv_valid, segment_ids)
 
 
 def finish_cache(cache, new_kv, inputs: DecoderInputs, num_new: int) -> dict:
     return {**new_kv, "index": cache["index"] + num_new, "valid": inputs.kv_valid}
+
+
+# Names of the activations the "attention" and "offload" policies keep
+# (`checkpoint_name` in each family's layer).
+ATTENTION_OUT, MLP_HIDDEN = "attention_out", "mlp_hidden"
+
+
+def remat_policy(name: str):
+    """The `jax.checkpoint` policy of a `ModelConfig.remat` value (None: save
+    nothing inside the layer)."""
+    policies = jax.checkpoint_policies
+    if name == "full":
+        return None
+    if name == "dots":
+        # Projections' outputs are kept; norms, activations, rotary and the
+        # attention softmax are recomputed.
+        return policies.dots_with_no_batch_dims_saveable
+    if name == "attention":
+        return policies.save_only_these_names(ATTENTION_OUT)
+    if name == "offload":
+        return policies.save_and_offload_only_these_names(
+            names_which_can_be_saved=[],
+            names_which_can_be_offloaded=[ATTENTION_OUT, MLP_HIDDEN],
+            offload_src="device",
+            offload_dst="pinned_host",
+        )
+    raise ValueError(f"no remat policy {name!r}")  # ModelConfig validated it
+
+
+def attend(cfg: ModelConfig, q, k, v, inputs: DecoderInputs):
+    """Scaled dot-product attention of one layer through `cfg.attention`'s
+    kernel (`attention.dot_product_attention`); q (B, T, N, H), k/v (B, S, K, H)."""
+    causal = inputs.cache_index is None  # no cache: the mask is causal by position
+    parts = None
+    if causal:
+        parts = attention.MaskParts(inputs.kv_valid, inputs.segment_ids, cfg.sliding_window)
+    return attention.dot_product_attention(
+        q,
+        k,
+        v,
+        inputs.mask,
+        q.shape[-1] ** -0.5,
+        causal,
+        kernel=cfg.attention,
+        parts=parts,
+        residual_name=ATTENTION_OUT,
+    )
 
 
 def apply_layers(parent: nn.Module, layer_cls, name: str, x, inputs, cache, deterministic):
@@ -80,10 +130,10 @@ def apply_layers(parent: nn.Module, layer_cls, name: str, x, inputs, cache, dete
     cfg = parent.cfg
     kv = None if cache is None else {"k": cache["k"], "v": cache["v"]}
     cls = layer_cls
-    if cfg.remat:
-        # Recompute each layer's activations in the backward pass; only the
-        # residual stream between layers is kept.
-        cls = nn.remat(cls, prevent_cse=not cfg.scan_layers)
+    if cfg.remat != "none":
+        # Recompute each layer's activations in the backward pass, except what
+        # the policy saves; the residual stream between layers is always kept.
+        cls = nn.remat(cls, prevent_cse=not cfg.scan_layers, policy=remat_policy(cfg.remat))
     if cfg.scan_layers:
         scanned = nn.scan(
             cls,
@@ -100,3 +150,42 @@ def apply_layers(parent: nn.Module, layer_cls, name: str, x, inputs, cache, dete
         new_layers.append(layer_new)
     new_kv = None if kv is None else jax.tree.map(lambda *a: jnp.stack(a), *new_layers)
     return x, new_kv
+
+
+# ----------------------------------------------------------------------------- output head
+
+
+class OutputHead(NamedTuple):
+    """The output head's weight leaf (a plain array or any weight leaf:
+    LoraWeight, quantized, ...) and whether it is the tied embedding (vocab, in),
+    used transposed, rather than a kernel (in, vocab)."""
+
+    weight: Any
+    tied: bool
+
+
+def output_head(cfg: ModelConfig, params) -> OutputHead:
+    """Where the output head of `cfg`'s family lives in `params` (the spec's
+    `head_kernel` / `tied_embedding`)."""
+    spec = get_family(cfg.model_type)
+    if not spec.returns_hidden:
+        raise ValueError(f"family {spec.name!r} declares no head_kernel or tied_embedding")
+    tied = spec.head_kernel is None or cfg.tie_word_embeddings
+    node = params
+    for key in spec.tied_embedding if tied else spec.head_kernel:
+        node = node[key]
+    return OutputHead(node, tied)
+
+
+def head_logits(cfg: ModelConfig, head: OutputHead, hidden, *, rng=None):
+    """float32 logits of final hidden states (`model.apply(..., return_hidden=True)`,
+    or a chunk of them), computed as the family modules compute them: in
+    `cfg.dtype`, an untied head through `layers.linear` (so a LoRA head applies
+    itself, with dropout when `rng` is given), a tied one as `hidden @ embedding.T`
+    of the materialized embedding."""
+    dtype = jnp.dtype(cfg.dtype)
+    if head.tied:
+        logits = jnp.matmul(hidden.astype(dtype), layers.materialize(head.weight, dtype).T)
+    else:
+        logits = layers.linear(hidden, head.weight, dtype=dtype, rng=rng)
+    return logits.astype(jnp.float32)

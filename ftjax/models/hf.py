@@ -220,6 +220,26 @@ def resolve_dir(path_or_id: str) -> str:
         ) from None
 
 
+def fetch_config(path_or_id: str) -> tuple[dict, str]:
+    """(config.json as a dict, its path) of a local checkpoint directory or a
+    hub id, downloading that one file only (the planner needs no weights)."""
+    if os.path.isdir(path_or_id):
+        return read_config(path_or_id), os.path.join(path_or_id, "config.json")
+    if not _HUB_ID.fullmatch(path_or_id) or path_or_id.startswith("."):
+        raise CheckpointError(f"{path_or_id}: no such checkpoint directory")
+    try:
+        from huggingface_hub import hf_hub_download
+
+        path = hf_hub_download(path_or_id, "config.json")
+    except Exception as e:  # network, auth, missing repo: one line either way
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise CheckpointError(
+            f"{path_or_id}: not a local directory and its config.json could not be "
+            f"downloaded from the Hugging Face hub (offline or unknown repo?): {reason}"
+        ) from None
+    return read_config(os.path.dirname(path)), path
+
+
 def read_config(ckpt_dir: str) -> dict:
     path = os.path.join(ckpt_dir, "config.json")
     if not os.path.isfile(path):
@@ -284,7 +304,7 @@ def from_pretrained(
     dtype: str = "float32",
     param_dtype: str | None = None,
     scan_layers: bool = False,
-    remat: bool = False,
+    remat: str | bool = "none",
     attention: str = "auto",
 ):
     """Loads a HF checkpoint (a local directory or a hub id) as `(model, params)`:

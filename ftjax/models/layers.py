@@ -23,6 +23,15 @@ import numpy as np
 
 from ftjax.errors import ModelError
 
+# The attention kernels live in `attention.py`; re-exported for existing callers.
+from ftjax.models.attention import (  # noqa: F401
+    CAUSAL_BLOCK_MIN,
+    CAUSAL_BLOCKS_MAX,
+    MaskParts,
+    causal_block_attention,
+    dot_product_attention,
+)
+
 Array = jax.Array
 
 
@@ -249,66 +258,6 @@ def attention_mask(
     if q_segment is not None and kv_segment is not None:
         mask &= q_segment[:, :, None] == kv_segment[:, None, :]
     return mask[:, None, :, :]
-
-
-# Query blocks of causal attention: at least this many rows each, and at most
-# this many blocks (each block is its own pair of dots in the program).
-CAUSAL_BLOCK_MIN, CAUSAL_BLOCKS_MAX = 64, 8
-
-
-def dot_product_attention(q, k, v, mask, scale=None, causal=False, kernel="auto"):
-    """q (B, T, N, H), k/v (B, S, K, H) with N a multiple of K (grouped-query).
-
-    `causal=True` promises that `mask` hides every key after its query (no KV
-    cache: queries and keys are the same positions). With `kernel="auto"` long
-    enough sequences then go through `causal_block_attention`, which skips the
-    masked upper triangle; `"block"` uses it for every causal call, `"xla"`
-    never (the model config's `attention` field, so that the benchmark can time
-    both through the same code)."""
-    t, s = q.shape[1], k.shape[1]
-    blockable = causal and t == s and t >= 2
-    if (
-        kernel == "block"
-        and blockable
-        or kernel == "auto"
-        and blockable
-        and t >= 2 * CAUSAL_BLOCK_MIN
-    ):
-        return causal_block_attention(q, k, v, mask, scale)
-    return jax.nn.dot_product_attention(q, k, v, mask=mask, scale=scale)
-
-
-def causal_block_attention(q, k, v, mask, scale=None):
-    """Attention with the queries cut into blocks, each attending only to the
-    key prefix up to its last row: with 4 blocks, 10/16 of the score matrix is
-    computed instead of all of it, and each block's scores stay small. On a
-    CPU this halves the attention time of a training step (XLA:CPU has no fused
-    attention kernel; docs/benchmarks.md). Exact for any mask inside the causal
-    triangle, up to float rounding; a row whose every key is masked (padding
-    only) averages its visible prefix rather than every key, which no unmasked
-    position ever reads.
-
-    Layout: scores and softmax in float32, heads leading (B, K, G, T, S), so
-    that both dots are plain batched matmuls."""
-    b, t, n, h = q.shape
-    kv_heads = k.shape[2]
-    groups = n // kv_heads
-    scale = h**-0.5 if scale is None else scale
-    blocks = max(2, min(CAUSAL_BLOCKS_MAX, t // CAUSAL_BLOCK_MIN))
-    edges = [round(i * t / blocks) for i in range(blocks + 1)]
-    qh = (q * jnp.asarray(scale, q.dtype)).reshape(b, t, kv_heads, groups, h)
-    qh = qh.transpose(0, 2, 3, 1, 4)  # (B, K, G, T, H)
-    kh, vh = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)  # (B, K, S, H)
-    outs = []
-    for lo, hi in zip(edges[:-1], edges[1:]):
-        scores = jnp.einsum("bkgth,bksh->bkgts", qh[:, :, :, lo:hi], kh[:, :, :hi],
-                            preferred_element_type=jnp.float32)  # fmt: skip
-        visible = mask[:, :, None, lo:hi, :hi]  # (B, 1, 1, rows, keys)
-        scores = jnp.where(visible, scores, jnp.finfo(jnp.float32).min)
-        probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
-        outs.append(jnp.einsum("bkgts,bksh->bkgth", probs, vh[:, :, :hi]))
-    out = jnp.concatenate(outs, axis=3)  # (B, K, G, T, H)
-    return out.transpose(0, 3, 1, 2, 4).reshape(b, t, n, h)
 
 
 def update_kv_cache(layer_cache, k, v, index):

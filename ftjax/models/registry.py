@@ -77,6 +77,17 @@ class FamilySpec:
     - `column_parallel`, `row_parallel`: module names whose kernels are split
       over the `model` mesh axis along their output (column) or input (row)
       features in tensor-parallel mode (Megatron's attention-heads / MLP split).
+
+    Output head (what the chunked cross-entropy of `ftjax.train.loss` needs;
+    a family that sets neither field keeps the dense loss):
+    - `head_kernel`: the params path of an untied output head's kernel (in,
+      vocab), e.g. `("lm_head", "kernel")`; None when the head is always tied.
+    - `tied_embedding`: the params path of the token embedding (vocab, in),
+      the head (used transposed) when `tie_word_embeddings` or when there is
+      no `head_kernel`.
+    A family that sets them promises that its module takes `return_hidden=True`
+    (without a cache) and then returns the final hidden states, after the final
+    norm and before the head; `ftjax.models.head_logits` applies the head.
     """
 
     name: str
@@ -93,6 +104,8 @@ class FamilySpec:
     bare_prefix: str = ""
     ignored_keys: str = ""
     check: Callable[[ModelConfig], None] | None = None
+    head_kernel: tuple[str, ...] | None = None
+    tied_embedding: tuple[str, ...] | None = None
 
     def __post_init__(self):
         if not self.model_types or not all(isinstance(t, str) and t for t in self.model_types):
@@ -105,6 +118,12 @@ class FamilySpec:
                 f"family {self.name!r}: targets lacks the preset(s) {', '.join(missing)}; "
                 f"every family defines {', '.join(TARGET_PRESETS)}"
             )
+
+    @property
+    def returns_hidden(self) -> bool:
+        """Whether the module can return its final hidden states (and so the
+        loss can apply the head chunk by chunk)."""
+        return self.head_kernel is not None or self.tied_embedding is not None
 
     @property
     def fan_in_fan_out(self) -> bool:

@@ -225,16 +225,28 @@ def quantize_nf4(w, *, double_quant: bool = True) -> NF4Weight:
     )
 
 
+def nf4_levels(codes):
+    """The float32 NF4 level of each 4-bit code (uint8 in [0, 16)). A chain of
+    selects rather than a table lookup: it fuses with the unpacking and the
+    scaling into one loop that writes the dequantized kernel once, where a
+    gather left an int32 index array and a float32 copy of every kernel (on
+    TPU, 6.5 of a 70B QLoRA step's 11.6 GiB of temporaries per chip)."""
+    out = jnp.zeros(codes.shape, jnp.float32)
+    for k, level in enumerate(NF4_LEVELS):
+        if level != 0:
+            out = jnp.where(codes == k, np.float32(level), out)
+    return out
+
+
 def dequantize_nf4(q: NF4Weight, dtype=jnp.float32):
     """The dense kernel `(..., in, out)` that `q` encodes, in `dtype`."""
     lead = tuple(q.codes.shape[:-1])
     fan_in, fan_out = q.kernel_shape
-    hi = (q.codes >> 4).astype(jnp.int32)
-    lo = (q.codes & 0xF).astype(jnp.int32)
-    idx = jnp.stack([hi, lo], axis=-1).reshape(lead + (-1, BLOCK_SIZE))
-    values = jnp.take(jnp.asarray(NF4_LEVELS), idx) * q.block_absmax()[..., None]
+    codes = jnp.asarray(q.codes, jnp.uint8)
+    idx = jnp.stack([codes >> 4, codes & 0xF], axis=-1).reshape(lead + (-1, BLOCK_SIZE))
+    values = nf4_levels(idx) * q.block_absmax()[..., None]
     values = values.reshape(lead + (-1,))[..., : fan_in * fan_out]
-    return jnp.swapaxes(values.reshape(lead + (fan_out, fan_in)), -1, -2).astype(dtype)
+    return jnp.swapaxes(values.reshape(lead + (fan_out, fan_in)).astype(dtype), -1, -2)
 
 
 def nbytes(q: NF4Weight) -> int:

@@ -10,7 +10,7 @@ import ml_collections
 
 from ftjax.errors import ConfigError, FtjaxError
 from ftjax.models import ModelConfig
-from ftjax.models.config import ATTENTION_KERNELS
+from ftjax.models.config import ATTENTION_KERNELS, REMAT_POLICIES
 from ftjax.train.optim import default_optim_config, validate_optim_config
 from ftjax.train.parallel import MODES
 
@@ -37,8 +37,8 @@ def default_model_config() -> ml_collections.ConfigDict:
             dtype="float32",  # compute dtype (bfloat16 for mixed precision)
             param_dtype="float32",  # master weights and optimizer state
             scan_layers=False,
-            remat=False,
-            attention=defaults["attention"],  # kernel: auto | block | xla (ModelConfig)
+            remat="none",  # none | full | dots | attention | offload (ModelConfig.REMAT_POLICIES)
+            attention=defaults["attention"],  # auto | block | xla | splash | cudnn (ModelConfig)
         )
     )
 
@@ -61,6 +61,10 @@ def default_train_config() -> ml_collections.ConfigDict:
             max_consecutive_skips=10,
             z_loss=0.0,
             label_smoothing=0.0,
+            # Positions per chunk of the chunked cross-entropy (ftjax.train.loss):
+            # -1 auto (chunks only where one sequence's float32 logits exceed
+            # 64 MiB), 0 dense logits always, N > 0 chunks of N positions.
+            loss_chunk=-1,
             peak_flops=0.0,  # per-device peak FLOP/s for MFU (0: MFU not reported)
             tensorboard=True,
             export_hf=False,  # write merged weights in HF layout to <workdir>/hf
@@ -160,7 +164,16 @@ def execution_options(mcfg) -> dict:
     remat, attention), as ModelConfig keyword arguments. The config.json of
     older runs held them in `model.init`: a value found only there is used."""
     defaults, init = default_model_config(), _init_dict(mcfg)
-    return {k: mcfg[k] if k in mcfg else init.get(k, defaults[k]) for k in EXECUTION_OPTIONS}
+    options = {k: mcfg[k] if k in mcfg else init.get(k, defaults[k]) for k in EXECUTION_OPTIONS}
+    options["remat"] = _remat_name(options["remat"])
+    return options
+
+
+def _remat_name(value):
+    """`model.remat` as a policy name; configs before the policies held a bool."""
+    if isinstance(value, bool):
+        return "full" if value else "none"
+    return value
 
 
 def init_fields(mcfg) -> dict:
@@ -179,7 +192,10 @@ def validate_model_config(mcfg) -> None:
     options, and `model.init` fields that are ModelConfig fields (a random
     init's architecture is built here, so its own checks run too)."""
     defaults = default_model_config()
-    check_fields("model", mcfg, defaults, skip=("init",))
+    check_fields("model", mcfg, defaults, skip=("init", "remat"))
+    remat = execution_options(mcfg)["remat"]
+    if remat not in REMAT_POLICIES:
+        raise ConfigError(f"model.remat={remat!r}; expected one of {', '.join(REMAT_POLICIES)}")
     for key in ("dtype", "param_dtype"):
         if mcfg.get(key, defaults[key]) not in DTYPES:
             raise ConfigError(f"model.{key}={mcfg.get(key)!r}; expected one of {', '.join(DTYPES)}")
@@ -197,6 +213,8 @@ def validate_model_config(mcfg) -> None:
             )
         if key in EXECUTION_OPTIONS:
             value, model_value = init[key], options[key]
+            if key == "remat":
+                value = _remat_name(value)
             if value != model_value and value != fields[key]:
                 raise ConfigError(
                     f"model.init.{key}={value!r} conflicts with model.{key}={model_value!r}; "
@@ -241,6 +259,7 @@ def validate_train_config(tcfg) -> None:
     _check_range(s, tcfg, "max_consecutive_skips", 0, "an integer >= 0 (0: never stop)")
     _check_range(s, tcfg, "z_loss", 0, "a number >= 0")
     _check_range(s, tcfg, "label_smoothing", 0, "a number in [0, 1)", hi=1)
+    _check_range(s, tcfg, "loss_chunk", -1, "-1 (auto), 0 (dense) or a chunk length > 0")
     _check_range(s, tcfg, "peak_flops", 0, "a number >= 0 (0: no MFU)")
     if tcfg.best_mode not in ("min", "max"):
         raise ConfigError(f"train.best_mode={tcfg.best_mode!r}; expected 'min' or 'max'")

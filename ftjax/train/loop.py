@@ -40,8 +40,8 @@ from ftjax.train import workdir as workdir_lib
 from ftjax.train.checkpoint import Checkpointer
 from ftjax.train.config import check_devices, validate_run_config
 from ftjax.train.parallel import Parallel, to_host
-from ftjax.train.state import build_run, state_info
-from ftjax.train.step import StepConfig, TrainState
+from ftjax.train.state import build_run, state_info, step_config
+from ftjax.train.step import TrainState
 
 
 @dataclasses.dataclass
@@ -225,11 +225,7 @@ def _build(cfg, workdir: str) -> _Setup:
         f"method {cfg.method.name}: {info.n_trainable:,} trainable of {info.n_total:,} "
         f"parameters ({100.0 * info.trainable_share:.3f}%)"
     )
-    step_cfg = StepConfig(
-        accum_steps=int(cfg.optim.accum_steps),
-        z_loss=float(cfg.train.z_loss),
-        label_smoothing=float(cfg.train.label_smoothing),
-    )
+    step_cfg = step_config(cfg)
     model = start.model
     par = Parallel(cfg.parallel.mode, model, start.tx, step_cfg, int(cfg.parallel.model_parallel))
     par.check_batch_size(int(cfg.data.batch_size), step_cfg.accum_steps)

@@ -20,6 +20,7 @@ process passes only its own rows of the global batch to `place_batch`.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 
 import jax
@@ -87,11 +88,19 @@ class Parallel:
         state, metrics = par.train_step(state, par.place_batch(batch))
     """
 
-    def __init__(self, mode, model, tx, step_cfg: StepConfig, model_parallel: int = 0):
+    def __init__(
+        self, mode, model, tx, step_cfg: StepConfig, model_parallel: int = 0, devices=None
+    ):
+        """`devices`: the devices to lay the step out on (default: all of
+        `jax.devices()`); the planner passes a TPU topology's devices to
+        compile for hardware that is not attached."""
         if mode not in MODES:
             raise ConfigError(f"parallel.mode={mode!r}; expected one of {', '.join(MODES)}")
         self.mode, self.model, self.tx, self.step_cfg = mode, model, tx, step_cfg
-        devices = jax.devices()
+        devices = list(jax.devices() if devices is None else devices)
+        self.devices = devices
+        # Tracing reads the target platform (attention kernels differ by backend).
+        self.platform = devices[0].platform
         self.num_devices = 1 if mode == "single" else len(devices)
         self.mesh = None
         if mode in ("data", "fsdp"):
@@ -141,6 +150,56 @@ class Parallel:
     def state_sharding(self, state):
         specs = jax.tree_util.tree_map_with_path(self._leaf_spec, state)
         return jax.tree.map(lambda s: NamedSharding(self.mesh, s), specs)
+
+    def abstract_state(self, state_shapes):
+        """`state_shapes` (e.g. from `jax.eval_shape`) with this mode's
+        shardings attached: what the planner lowers the step with, nothing
+        allocated."""
+        if self.mode == "pmap":
+            n = len(self.devices)
+            return jax.tree.map(
+                lambda x: jax.ShapeDtypeStruct((n,) + tuple(x.shape), x.dtype), state_shapes
+            )
+        if self.mode == "single":
+            sharding = jax.sharding.SingleDeviceSharding(self.devices[0])
+            self._state_sharding = jax.tree.map(lambda _: sharding, state_shapes)
+        else:
+            self._state_sharding = self.state_sharding(state_shapes)
+        return jax.tree.map(
+            lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+            state_shapes,
+            self._state_sharding,
+        )
+
+    def abstract_batch(self, global_batch: int, seq_len: int) -> dict:
+        """The shapes of a global batch as the data pipeline makes it."""
+        from ftjax.data.batching import BATCH_DTYPES
+
+        if self.mode == "pmap":
+            n = len(self.devices)
+            return {
+                k: jax.ShapeDtypeStruct((n, global_batch // n, seq_len), dt)
+                for k, dt in BATCH_DTYPES.items()
+            }
+        if self.mode == "single":
+            sharding = jax.sharding.SingleDeviceSharding(self.devices[0])
+        else:
+            sharding = self.batch_sharding()
+        return {
+            k: jax.ShapeDtypeStruct((global_batch, seq_len), dt, sharding=sharding)
+            for k, dt in BATCH_DTYPES.items()
+        }
+
+    def tracing(self):
+        """The context the step is traced in: the target platform (which
+        attention kernel) and the mesh (kernels that must be `shard_map`ped)."""
+        from ftjax.models import attention
+
+        stack = contextlib.ExitStack()
+        stack.enter_context(attention.target_platform(self.platform))
+        if self.mesh is not None:
+            stack.enter_context(jax.set_mesh(self.mesh))
+        return stack
 
     def _pmap_sharding(self):
         return NamedSharding(Mesh(np.array(jax.local_devices()), ("batch",)), P("batch"))
@@ -210,26 +269,30 @@ class Parallel:
 
     @functools.cached_property
     def _eval_fn(self):
+        chunk = self.step_cfg.loss_chunk
         if self.mode == "pmap":
-            fn = functools.partial(eval_step, model=self.model, axis_name="batch")
+            fn = functools.partial(eval_step, model=self.model, axis_name="batch", loss_chunk=chunk)
             return jax.pmap(fn, axis_name="batch")
-        return jax.jit(functools.partial(eval_step, model=self.model))
+        return jax.jit(functools.partial(eval_step, model=self.model, loss_chunk=chunk))
 
     def train_step(self, state, batch):
-        state, metrics = self._train_fn(state, batch)
+        with self.tracing():
+            state, metrics = self._train_fn(state, batch)
         if self.mode == "pmap":
             metrics = jax.tree.map(lambda x: x[0], metrics)
         return state, metrics
 
     def eval_sums(self, state, batch) -> dict:
-        sums = self._eval_fn(state.trainable, state.frozen, batch)
+        with self.tracing():
+            sums = self._eval_fn(state.trainable, state.frozen, batch)
         if self.mode == "pmap":
             sums = jax.tree.map(lambda x: x[0], sums)
         return sums
 
     def lower_train_step(self, state, batch):
         """The lowered (not yet compiled) step, for cost analysis and XLA dumps."""
-        return self._train_fn.lower(state, batch)
+        with self.tracing():
+            return self._train_fn.lower(state, batch)
 
 
 def to_host(x):

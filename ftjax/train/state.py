@@ -35,7 +35,7 @@ from ftjax.train import metrics as metrics_lib
 from ftjax.train.checkpoint import Checkpointer, checksum_files
 from ftjax.train.config import execution_options, ignored_init_fields, init_fields
 from ftjax.train.optim import build_optimizer
-from ftjax.train.step import TrainState
+from ftjax.train.step import StepConfig, TrainState
 
 __all__ = [
     "RunStart",
@@ -48,6 +48,7 @@ __all__ = [
     "run_identity",
     "seed_keys",
     "state_info",
+    "step_config",
 ]
 
 
@@ -194,3 +195,14 @@ def build_run(cfg) -> RunStart:
     state = init_state(base_params, method, tx, seed)
     identity = run_identity(cfg, model, base_identity)
     return RunStart(model, base_params, method, tx, schedule, state, identity)
+
+
+def step_config(cfg) -> StepConfig:
+    """The static step settings of the run `cfg` (the loop and the planner
+    compile the same step from them)."""
+    return StepConfig(
+        accum_steps=int(cfg.optim.accum_steps),
+        z_loss=float(cfg.train.z_loss),
+        label_smoothing=float(cfg.train.label_smoothing),
+        loss_chunk=int(cfg.train.get("loss_chunk", -1)),
+    )

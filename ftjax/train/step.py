@@ -9,6 +9,11 @@ The loss is a token-level mean over the whole (global) batch: micro-batches and
 devices sum their token losses and divide by the batch's total count of loss
 tokens, so k accumulated micro-batches give exactly the gradient of one batch
 k times as large, whatever the padding.
+
+Where one sequence's float32 logits would be large (`StepConfig.loss_chunk`,
+`train.loss_chunk`), the loss takes the model's final hidden states and
+applies the output head a chunk of positions at a time (`ftjax.train.loss`),
+so the full logits exist in neither pass.
 """
 
 from __future__ import annotations
@@ -20,6 +25,14 @@ import jax.numpy as jnp
 import optax
 
 from ftjax import peft
+from ftjax.models.decoder import head_logits, output_head
+from ftjax.models.registry import get_family
+from ftjax.train.loss import (
+    chunked_loss_sums,
+    loss_sums,
+    resolve_loss_chunk,
+    token_losses,  # noqa: F401  (re-exported; it lived here)
+)
 
 
 class TrainState(NamedTuple):
@@ -41,24 +54,12 @@ class StepConfig(NamedTuple):
     z_loss: float = 0.0
     label_smoothing: float = 0.0
     axis_name: str | None = None  # set under pmap: gradients are summed over it
+    # Positions per chunk of the chunked loss: -1 auto (chunk only where one
+    # sequence's float32 logits exceed loss.AUTO_CHUNK_BYTES), 0 dense, N > 0.
+    loss_chunk: int = -1
 
 
-def token_losses(logits, targets, label_smoothing: float = 0.0, z_loss: float = 0.0):
-    """Per-token cross-entropy (+ z-loss on log Z) in float32."""
-    logits = logits.astype(jnp.float32)
-    log_z = jax.nn.logsumexp(logits, axis=-1)
-    target_logit = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
-    nll = log_z - target_logit
-    if label_smoothing:
-        # Cross-entropy against (1-eps) one-hot + eps uniform, as torch does.
-        uniform = log_z - jnp.mean(logits, axis=-1)
-        nll = (1.0 - label_smoothing) * nll + label_smoothing * uniform
-    if z_loss:
-        nll = nll + z_loss * jnp.square(log_z)
-    return nll
-
-
-def _forward(model, params, batch, rng, deterministic):
+def _forward(model, params, batch, rng, deterministic, **kwargs):
     rngs = {} if rng is None else {"dropout": rng}
     return model.apply(
         {"params": params},
@@ -68,16 +69,54 @@ def _forward(model, params, batch, rng, deterministic):
         segment_ids=batch.get("segment_ids"),
         deterministic=deterministic,
         rngs=rngs,
+        **kwargs,
+    )
+
+
+def _chunk_length(model, batch, loss_chunk: int) -> int:
+    """The chunk length for this model and batch (0: dense); static at trace time."""
+    cfg = getattr(model, "cfg", None)
+    if cfg is None:  # not a registered family's module: nothing to chunk by
+        return 0
+    supported = get_family(cfg.model_type).returns_hidden
+    seq_len = batch["targets"].shape[-1]
+    return resolve_loss_chunk(loss_chunk, seq_len, cfg.vocab_size, supported=supported)
+
+
+def _sums(params, batch, rng, model, *, deterministic, chunk, label_smoothing=0.0, z_loss=0.0):
+    """(masked loss sum, masked correct count) of `batch`, dense or chunked."""
+    if not chunk:
+        logits = _forward(model, params, batch, rng, deterministic)
+        return loss_sums(logits, batch["targets"], batch["loss_mask"], label_smoothing, z_loss)
+    hidden = _forward(model, params, batch, rng, deterministic, return_hidden=True)
+    cfg = model.cfg
+    # A stochastic head leaf (LoRA dropout) draws from its own stream of the step's key.
+    head_rng = None if deterministic or rng is None else jax.random.fold_in(rng, 0x4EAD)
+    return chunked_loss_sums(
+        lambda head, h, r: head_logits(cfg, head, h, rng=r),
+        output_head(cfg, params),
+        hidden,
+        batch["targets"],
+        batch["loss_mask"],
+        chunk=chunk,
+        label_smoothing=label_smoothing,
+        z_loss=z_loss,
+        rng=head_rng,
     )
 
 
 def _loss_sum(trainable, frozen, batch, rng, model, cfg: StepConfig):
     params = peft.combine(trainable, frozen)
-    logits = _forward(model, params, batch, rng, deterministic=False)
-    mask = batch["loss_mask"].astype(jnp.float32)
-    losses = token_losses(logits, batch["targets"], cfg.label_smoothing, cfg.z_loss)
-    correct = (jnp.argmax(logits, -1) == batch["targets"]).astype(jnp.float32)
-    return jnp.sum(losses * mask), jnp.sum(correct * mask)
+    return _sums(
+        params,
+        batch,
+        rng,
+        model,
+        deterministic=False,
+        chunk=_chunk_length(model, batch, cfg.loss_chunk),
+        label_smoothing=cfg.label_smoothing,
+        z_loss=cfg.z_loss,
+    )
 
 
 def _micro_batches(batch, k: int):
@@ -148,16 +187,15 @@ def train_step(state: TrainState, batch: dict, *, model, tx, cfg: StepConfig = S
     return new_state, metrics
 
 
-def eval_step(trainable, frozen, batch, *, model, axis_name=None):
-    """Sums for exact token-level metrics: (loss_sum, correct_sum, count)."""
+def eval_step(trainable, frozen, batch, *, model, axis_name=None, loss_chunk: int = -1):
+    """Sums for exact token-level metrics: (loss_sum, correct_sum, count).
+    `loss_chunk` as `StepConfig.loss_chunk`."""
     params = peft.combine(trainable, frozen)
-    logits = _forward(model, params, batch, None, deterministic=True)
-    mask = batch["loss_mask"].astype(jnp.float32)
-    losses = token_losses(logits, batch["targets"])
-    correct = (jnp.argmax(logits, -1) == batch["targets"]).astype(jnp.float32)
+    chunk = _chunk_length(model, batch, loss_chunk)
+    loss_sum, correct_sum = _sums(params, batch, None, model, deterministic=True, chunk=chunk)
     out = {
-        "loss_sum": jnp.sum(losses * mask),
-        "correct_sum": jnp.sum(correct * mask),
-        "count": jnp.sum(mask),
+        "loss_sum": loss_sum,
+        "correct_sum": correct_sum,
+        "count": jnp.sum(batch["loss_mask"].astype(jnp.float32)),
     }
     return out if axis_name is None else jax.lax.psum(out, axis_name)

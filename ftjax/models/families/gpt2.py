@@ -10,11 +10,20 @@ from collections.abc import Mapping
 
 import flax.linen as nn
 import jax.numpy as jnp
+from jax.ad_checkpoint import checkpoint_name
 
 from ftjax.errors import ModelError
 from ftjax.models import layers
 from ftjax.models.config import ModelConfig
-from ftjax.models.decoder import DecoderInputs, apply_layers, decoder_inputs, finish_cache
+from ftjax.models.decoder import (
+    ATTENTION_OUT,
+    MLP_HIDDEN,
+    DecoderInputs,
+    apply_layers,
+    attend,
+    decoder_inputs,
+    finish_cache,
+)
 from ftjax.models.registry import FamilySpec, register_family
 
 
@@ -37,11 +46,9 @@ class GPT2Attention(nn.Module):
         qkv = _linear(cfg, 3 * d, "c_attn")(x, deterministic)
         q, k, v = (a.reshape(b, t, cfg.num_heads, hd) for a in jnp.split(qkv, 3, axis=-1))
         k, v, new_cache = layers.update_kv_cache(layer_cache, k, v, inputs.cache_index)
-        causal = inputs.cache_index is None  # no cache: the mask is causal by position
-        out = layers.dot_product_attention(
-            q, k, v, inputs.mask, hd**-0.5, causal, kernel=cfg.attention
-        )
-        return _linear(cfg, d, "c_proj")(out.reshape(b, t, d), deterministic), new_cache
+        out = attend(cfg, q, k, v, inputs)
+        out = checkpoint_name(out.reshape(b, t, d), ATTENTION_OUT)  # for the remat policies
+        return _linear(cfg, d, "c_proj")(out, deterministic), new_cache
 
 
 class GPT2MLP(nn.Module):
@@ -51,7 +58,7 @@ class GPT2MLP(nn.Module):
     def __call__(self, x, deterministic):
         cfg = self.cfg
         h = _linear(cfg, cfg.intermediate_size, "c_fc")(x, deterministic)
-        h = layers.activation(cfg.hidden_act)(h)
+        h = checkpoint_name(layers.activation(cfg.hidden_act)(h), MLP_HIDDEN)
         return _linear(cfg, cfg.hidden_size, "c_proj")(h, deterministic)
 
 
@@ -86,7 +93,7 @@ class GPT2Model(nn.Module):
 
 
 class GPT2LMHeadModel(nn.Module):
-    """Same call signature as `LlamaForCausalLM`."""
+    """Same call signature as `LlamaForCausalLM` (`return_hidden` included)."""
 
     cfg: ModelConfig
 
@@ -99,12 +106,17 @@ class GPT2LMHeadModel(nn.Module):
         segment_ids=None,
         cache=None,
         deterministic: bool = True,
+        return_hidden: bool = False,
     ):
         cfg = self.cfg
         inputs = decoder_inputs(cfg, input_ids, attention_mask, positions, segment_ids, cache)
         x, wte, new_cache = GPT2Model(cfg, name="transformer")(
             input_ids, inputs, cache, deterministic
         )
+        if return_hidden:
+            if cache is not None:
+                raise ValueError("return_hidden=True is for calls without a KV cache")
+            return x
         logits = wte.attend(x).astype(jnp.float32)
         if cache is None:
             return logits
@@ -177,5 +189,6 @@ SPEC = register_family(
         bare_prefix="transformer.",
         ignored_keys=r"attn\.(bias|masked_bias)$",
         check=check,
+        tied_embedding=("transformer", "wte", "embedding"),  # the head is always tied
     )
 )

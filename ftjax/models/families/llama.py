@@ -10,10 +10,21 @@ from collections.abc import Mapping
 
 import flax.linen as nn
 import jax.numpy as jnp
+from jax.ad_checkpoint import checkpoint_name
 
 from ftjax.models import layers
 from ftjax.models.config import ModelConfig, freeze_rope_scaling
-from ftjax.models.decoder import DecoderInputs, apply_layers, decoder_inputs, finish_cache
+from ftjax.models.decoder import (
+    ATTENTION_OUT,
+    MLP_HIDDEN,
+    DecoderInputs,
+    OutputHead,
+    apply_layers,
+    attend,
+    decoder_inputs,
+    finish_cache,
+    head_logits,
+)
 from ftjax.models.registry import FamilySpec, register_family
 
 
@@ -43,11 +54,8 @@ class LlamaAttention(nn.Module):
         q = layers.apply_rope(q, inputs.cos, inputs.sin)
         k = layers.apply_rope(k, inputs.cos, inputs.sin)
         k, v, new_cache = layers.update_kv_cache(layer_cache, k, v, inputs.cache_index)
-        causal = inputs.cache_index is None  # no cache: the mask is causal by position
-        out = layers.dot_product_attention(
-            q, k, v, inputs.mask, hd**-0.5, causal, kernel=cfg.attention
-        )
-        out = out.reshape(b, t, cfg.num_heads * hd)
+        out = attend(cfg, q, k, v, inputs)
+        out = checkpoint_name(out.reshape(b, t, cfg.num_heads * hd), ATTENTION_OUT)
         return _linear(cfg, cfg.hidden_size, cfg.o_proj_bias, "o_proj")(
             out, deterministic
         ), new_cache
@@ -62,9 +70,8 @@ class LlamaMLP(nn.Module):
         act = layers.activation(cfg.hidden_act)
         gate = _linear(cfg, cfg.intermediate_size, cfg.mlp_bias, "gate_proj")(x, deterministic)
         up = _linear(cfg, cfg.intermediate_size, cfg.mlp_bias, "up_proj")(x, deterministic)
-        return _linear(cfg, cfg.hidden_size, cfg.mlp_bias, "down_proj")(
-            act(gate) * up, deterministic
-        )
+        hidden = checkpoint_name(act(gate) * up, MLP_HIDDEN)  # for the remat policies
+        return _linear(cfg, cfg.hidden_size, cfg.mlp_bias, "down_proj")(hidden, deterministic)
 
 
 class LlamaDecoderLayer(nn.Module):
@@ -102,7 +109,9 @@ class LlamaForCausalLM(nn.Module):
     """`model.apply({"params": p}, input_ids, attention_mask=None, positions=None)`
     returns float32 logits (batch, seq, vocab). With `cache=` (see
     `layers.init_kv_cache`) it returns `(logits, new_cache)` for incremental decoding.
-    `segment_ids` (packed sequences) keep attention inside each segment."""
+    `segment_ids` (packed sequences) keep attention inside each segment.
+    `return_hidden=True` (no cache) returns the final hidden states (batch, seq,
+    hidden) instead, for `decoder.head_logits` to apply the head in chunks."""
 
     cfg: ModelConfig
 
@@ -115,6 +124,7 @@ class LlamaForCausalLM(nn.Module):
         segment_ids=None,
         cache=None,
         deterministic: bool = True,
+        return_hidden: bool = False,
     ):
         cfg = self.cfg
         inputs = decoder_inputs(
@@ -122,9 +132,13 @@ class LlamaForCausalLM(nn.Module):
         )
         model = LlamaModel(cfg, name="model")
         x, new_cache = model(input_ids, inputs, cache, deterministic)
+        if return_hidden:
+            if cache is not None:
+                raise ValueError("return_hidden=True is for calls without a KV cache")
+            return x
         if cfg.tie_word_embeddings:
-            logits = model.variables["params"]["embed_tokens"]["embedding"]
-            logits = jnp.matmul(x, layers.materialize(logits, x.dtype).T)
+            embedding = model.variables["params"]["embed_tokens"]["embedding"]
+            logits = head_logits(cfg, OutputHead(embedding, tied=True), x)
         else:
             logits = _linear(cfg, cfg.vocab_size, False, "lm_head")(x, deterministic)
         logits = logits.astype(jnp.float32)
@@ -240,5 +254,7 @@ SPEC = register_family(
         column_parallel=("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj"),
         row_parallel=("o_proj", "down_proj"),
         ignored_keys=r"rotary_emb\.inv_freq$",
+        head_kernel=("lm_head", "kernel"),
+        tied_embedding=("model", "embed_tokens", "embedding"),
     )
 )
