@@ -246,13 +246,22 @@ def libtpu_env() -> dict | None:
     libtpu is neither installed nor in .tpu-site."""
     import importlib.util
 
+    env = dict(os.environ)
+    env.pop("XLA_FLAGS", None)  # the simulated CPU devices of conftest are not wanted there
     if importlib.util.find_spec("libtpu") is not None:
-        return dict(os.environ)
+        return _tpu_compile_env(env)
     if not os.path.isdir(os.path.join(LIBTPU_SITE, "libtpu")):
         return None
-    env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join(p for p in (LIBTPU_SITE, env.get("PYTHONPATH")) if p)
-    env.pop("XLA_FLAGS", None)  # the simulated CPU devices of conftest are not wanted there
+    return _tpu_compile_env(env)
+
+
+def _tpu_compile_env(env: dict) -> dict:
+    # No TPU metadata to ask for (ftjax sets the same when it finds no TPU
+    # device), and two test processes may load libtpu at once.
+    env.setdefault("TPU_SKIP_MDS_QUERY", "1")
+    env.setdefault("TPU_WORKER_HOSTNAMES", "localhost")
+    env["ALLOW_MULTIPLE_LIBTPU_LOAD"] = "1"
     return env
 
 

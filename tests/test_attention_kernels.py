@@ -5,7 +5,6 @@ inside a whole model; the cuDNN constraints and the choice of kernel per
 platform; and, where libtpu is installed, the splash step compiled for a TPU
 topology with no TPU attached."""
 
-import importlib.util
 import json
 import os
 import subprocess
@@ -16,6 +15,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from hf_fixtures import libtpu_env
 
 from ftjax.models import ModelConfig, attention, build_model, layers
 from ftjax.models.attention import MaskParts
@@ -356,19 +356,12 @@ _TPU_SCRIPT = textwrap.dedent(
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(importlib.util.find_spec("libtpu") is None, reason="needs libtpu (jax[tpu])")
+@pytest.mark.skipif(libtpu_env() is None, reason="needs libtpu (.ci/run installs it in .tpu-site)")
 def test_splash_compiles_for_tpu_with_small_temp_memory():
     """The forward+backward splash step compiles for a v5e topology (no TPU
     attached) to Mosaic kernels, without gathering q/k/v across the mesh, and
     needs a small fraction of the dense kernel's temporary memory."""
-    # No TPU metadata server to ask; other processes (a planner) may hold libtpu.
-    env = dict(
-        os.environ,
-        TPU_SKIP_MDS_QUERY="1",
-        TPU_WORKER_HOSTNAMES="localhost",
-        ALLOW_MULTIPLE_LIBTPU_LOAD="1",
-    )
-    env.pop("XLA_FLAGS", None)
+    env = libtpu_env()
     env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
     proc = subprocess.run(
         [sys.executable, "-c", _TPU_SCRIPT], env=env, cwd=ROOT, capture_output=True, text=True,
