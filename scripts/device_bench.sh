@@ -2,7 +2,9 @@
 # The GPU checks of ftjax in one short run (about 8 minutes on an H100): the
 # model tests on the GPU, then the benchmark of a ~1.1B-parameter
 # Llama-architecture model (TinyLlama's shape) in bfloat16 compute with float32
-# master weights, printing tokens/s and MFU per method.
+# master weights, printing tokens/s and MFU per method, and per backend kernel:
+# cuDNN flash attention (`model.attention=cudnn`, falling back to XLA where
+# cuDNN cannot express a batch's mask) and the dense against the chunked loss.
 #
 #   bash scripts/device_bench.sh            # results under ${OUT:-/tmp/ftjax_device_bench}
 #
@@ -49,14 +51,16 @@ JAX_PLATFORMS=cuda timeout 330 "$PYTHON" scripts/benchmark.py \
   --preset=1b --dtype=bfloat16 --param_dtype=float32 --batch=4 --seq=1024 \
   --steps=10 --warmup=2 --scan_layers --no-interleave --no-torch \
   --memory_preset= --decode_tokens=32 --peak_flops="$peak" \
+  --variants=full@attention_cudnn,lora@attention_cudnn,lora@loss_dense \
   --out="$OUT/gpu_1b.json"
 
 "$PYTHON" - "$OUT/gpu_1b.json" <<'EOF'
 import json, sys
 r = json.load(open(sys.argv[1]))
-print("method   tokens/s   MFU(measured peak)   MFU(datasheet)")
+print("method                 tokens/s   MFU(measured peak)   MFU(datasheet)")
 for row in r["train"]:
     f = lambda x, s: "-" if x is None else format(x, s)
-    print(f"{row['method']:8s} {f(row['tokens_per_s'], '10,.0f')} "
+    name = row["method"] + ("@" + row["variant"] if row.get("variant") else "")
+    print(f"{name:22s} {f(row['tokens_per_s'], '10,.0f')} "
           f"{f(row['mfu_measured_peak'], '19.1%')} {f(row['mfu_datasheet'], '16.1%')}")
 EOF

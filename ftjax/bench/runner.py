@@ -52,6 +52,7 @@ def _variant_specs(bc: BenchConfig, train) -> list[dict]:
                 model={**spec["model"], **v.get("model", {})},
                 xla_flags=v.get("xla_flags", ""),
                 method_options={**spec.get("method_options", {}), **v.get("method", {})},
+                loss_chunk=v.get("loss_chunk", spec.get("loss_chunk", -1)),
             )
         )
     return specs

@@ -1,7 +1,7 @@
 """Named variants of an ftjax benchmark job, timed beside the base job in the
 same run (`--variants=lora@hybrid`). A variant changes only what a user can
 change too: XLA flags, model config fields (`scan_layers`, `remat`, the
-`attention` kernel) or method options. The benchmark never patches library
+`attention` kernel), `train.loss_chunk` or method options. The benchmark never patches library
 modules: a code path worth an A/B is a config option first."""
 
 from __future__ import annotations
@@ -18,4 +18,11 @@ VARIANTS: dict = {
     # The whole score matrix, without the causal block kernel that "auto" picks.
     "attention_dense": {"model": {"attention": "xla"}},
     "attention_block": {"model": {"attention": "block"}},
+    # Backend kernels (ftjax.models.attention): cuDNN flash attention on GPUs
+    # (where its constraints hold, else XLA), Pallas splash attention on TPUs.
+    "attention_cudnn": {"model": {"attention": "cudnn"}},
+    "attention_splash": {"model": {"attention": "splash"}},
+    # The loss over whole float32 logits against chunks of 256 positions.
+    "loss_dense": {"loss_chunk": 0},
+    "loss_chunked": {"loss_chunk": 256},
 }
