@@ -200,24 +200,33 @@ def tensors_from_params(cfg: ModelConfig, params: dict) -> dict[str, np.ndarray]
 # ----------------------------------------------------------------------------- files
 
 
-def resolve_dir(path_or_id: str) -> str:
-    """A local checkpoint directory, downloading a hub id when online."""
-    if os.path.isdir(path_or_id):
-        return path_or_id
+def _from_hub(path_or_id: str, what: str, download):
+    """`download()` for a hub id (`what` it fetches, for the error line); a
+    path that is neither a directory nor a hub id is refused as such."""
     if not _HUB_ID.fullmatch(path_or_id) or path_or_id.startswith("."):
         raise CheckpointError(f"{path_or_id}: no such checkpoint directory")
     try:
-        from huggingface_hub import snapshot_download
-
-        return snapshot_download(
-            path_or_id, allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja"]
-        )
+        return download()
     except Exception as e:  # network, auth, missing repo: one line either way
         reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise CheckpointError(
             f"{path_or_id}: not a local directory and the Hugging Face hub download failed "
-            f"(offline or unknown repo?): {reason}"
+            f"(offline or unknown repo?) for {what}: {reason}"
         ) from None
+
+
+def resolve_dir(path_or_id: str) -> str:
+    """A local checkpoint directory, downloading a hub id when online."""
+    if os.path.isdir(path_or_id):
+        return path_or_id
+
+    def download():
+        from huggingface_hub import snapshot_download
+
+        patterns = ["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja"]
+        return snapshot_download(path_or_id, allow_patterns=patterns)
+
+    return _from_hub(path_or_id, "the checkpoint", download)
 
 
 def fetch_config(path_or_id: str) -> tuple[dict, str]:
@@ -225,18 +234,13 @@ def fetch_config(path_or_id: str) -> tuple[dict, str]:
     hub id, downloading that one file only (the planner needs no weights)."""
     if os.path.isdir(path_or_id):
         return read_config(path_or_id), os.path.join(path_or_id, "config.json")
-    if not _HUB_ID.fullmatch(path_or_id) or path_or_id.startswith("."):
-        raise CheckpointError(f"{path_or_id}: no such checkpoint directory")
-    try:
+
+    def download():
         from huggingface_hub import hf_hub_download
 
-        path = hf_hub_download(path_or_id, "config.json")
-    except Exception as e:  # network, auth, missing repo: one line either way
-        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise CheckpointError(
-            f"{path_or_id}: not a local directory and its config.json could not be "
-            f"downloaded from the Hugging Face hub (offline or unknown repo?): {reason}"
-        ) from None
+        return hf_hub_download(path_or_id, "config.json")
+
+    path = _from_hub(path_or_id, "config.json", download)
     return read_config(os.path.dirname(path)), path
 
 

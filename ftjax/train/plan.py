@@ -260,17 +260,16 @@ def plan(cfg, target: Target) -> dict:
 
 
 def _peak_bytes(mem) -> int:
-    """The compiler's peak where it reports one, else live arguments, outputs
-    that are not aliased to (donated) arguments, temporaries and code."""
-    peak = int(getattr(mem, "peak_memory_in_bytes", 0) or 0)
-    summed = int(
+    """Device memory the step needs: live arguments, outputs that are not
+    aliased to (donated) arguments, temporaries and code. (The compiler's
+    `peak_memory_in_bytes` counts host-offloaded buffers too.)"""
+    return int(
         mem.argument_size_in_bytes
         + mem.output_size_in_bytes
         - mem.alias_size_in_bytes
         + mem.temp_size_in_bytes
         + mem.generated_code_size_in_bytes
     )
-    return max(peak, summed)
 
 
 def _gib(n) -> str:
@@ -298,6 +297,7 @@ def format_report(r: dict) -> str:
         lines.append(
             f"  temporaries {_gib(b['temporaries'])}, outputs {_gib(b['outputs'])} "
             f"({_gib(b['aliased'])} aliased to donated inputs), total {_gib(b['total'])}"
+            + (f"; host memory {_gib(b['host_temporaries'])}" if b.get("host_temporaries") else "")
         )
     capacity = r.get("memory_capacity_bytes")
     if r.get("fits") is None:
