@@ -79,6 +79,20 @@ def finish_cache(cache, new_kv, inputs: DecoderInputs, num_new: int) -> dict:
 ATTENTION_OUT, MLP_HIDDEN = "attention_out", "mlp_hidden"
 
 
+def causal_lm_outputs(x, head, inputs: DecoderInputs, cache, new_cache, return_hidden: bool):
+    """What every family's `*ForCausalLM.__call__` returns: the final hidden
+    states with `return_hidden` (no KV cache: the chunked loss applies the head
+    itself), else float32 logits `head(x)`, and with a cache the updated cache."""
+    if return_hidden:
+        if cache is not None:
+            raise ValueError("return_hidden=True is for calls without a KV cache")
+        return x
+    logits = head(x).astype(jnp.float32)
+    if cache is None:
+        return logits
+    return logits, finish_cache(cache, new_cache, inputs, x.shape[1])
+
+
 def remat_policy(name: str):
     """The `jax.checkpoint` policy of a `ModelConfig.remat` value (None: save
     nothing inside the layer)."""

@@ -21,8 +21,8 @@ from ftjax.models.decoder import (
     DecoderInputs,
     apply_layers,
     attend,
+    causal_lm_outputs,
     decoder_inputs,
-    finish_cache,
 )
 from ftjax.models.registry import FamilySpec, register_family
 
@@ -113,14 +113,7 @@ class GPT2LMHeadModel(nn.Module):
         x, wte, new_cache = GPT2Model(cfg, name="transformer")(
             input_ids, inputs, cache, deterministic
         )
-        if return_hidden:
-            if cache is not None:
-                raise ValueError("return_hidden=True is for calls without a KV cache")
-            return x
-        logits = wte.attend(x).astype(jnp.float32)
-        if cache is None:
-            return logits
-        return logits, finish_cache(cache, new_cache, inputs, input_ids.shape[1])
+        return causal_lm_outputs(x, wte.attend, inputs, cache, new_cache, return_hidden)
 
 
 # ----------------------------------------------------------------------------- HF config

@@ -9,7 +9,6 @@ from __future__ import annotations
 from collections.abc import Mapping
 
 import flax.linen as nn
-import jax.numpy as jnp
 from jax.ad_checkpoint import checkpoint_name
 
 from ftjax.models import layers
@@ -21,8 +20,8 @@ from ftjax.models.decoder import (
     OutputHead,
     apply_layers,
     attend,
+    causal_lm_outputs,
     decoder_inputs,
-    finish_cache,
     head_logits,
 )
 from ftjax.models.registry import FamilySpec, register_family
@@ -132,19 +131,12 @@ class LlamaForCausalLM(nn.Module):
         )
         model = LlamaModel(cfg, name="model")
         x, new_cache = model(input_ids, inputs, cache, deterministic)
-        if return_hidden:
-            if cache is not None:
-                raise ValueError("return_hidden=True is for calls without a KV cache")
-            return x
         if cfg.tie_word_embeddings:
             embedding = model.variables["params"]["embed_tokens"]["embedding"]
-            logits = head_logits(cfg, OutputHead(embedding, tied=True), x)
+            head = lambda h: head_logits(cfg, OutputHead(embedding, tied=True), h)
         else:
-            logits = _linear(cfg, cfg.vocab_size, False, "lm_head")(x, deterministic)
-        logits = logits.astype(jnp.float32)
-        if cache is None:
-            return logits
-        return logits, finish_cache(cache, new_cache, inputs, input_ids.shape[1])
+            head = lambda h: _linear(cfg, cfg.vocab_size, False, "lm_head")(h, deterministic)
+        return causal_lm_outputs(x, head, inputs, cache, new_cache, return_hidden)
 
 
 # ----------------------------------------------------------------------------- HF config
