@@ -22,12 +22,14 @@ The shared fixtures (`tok`, the synthetic suite's character tokenizer, and
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import os
 import re
 import subprocess
 import sys
+import types
 
 import jax
 import numpy as np
@@ -257,10 +259,9 @@ def libtpu_env() -> dict | None:
 
 
 def _tpu_compile_env(env: dict) -> dict:
-    # No TPU metadata to ask for (ftjax sets the same when it finds no TPU
-    # device), and two test processes may load libtpu at once.
-    env.setdefault("TPU_SKIP_MDS_QUERY", "1")
-    env.setdefault("TPU_WORKER_HOSTNAMES", "localhost")
+    # Two test processes may load libtpu at once. (Its start-up noise on a
+    # machine without a TPU is ftjax's to silence, at import: not done here,
+    # so that the tests see whether it does.)
     env["ALLOW_MULTIPLE_LIBTPU_LOAD"] = "1"
     return env
 
@@ -293,6 +294,34 @@ def assert_one_error_line(proc, *fragments) -> str:
     for fragment in fragments:
         assert fragment in lines[-1], lines[-1]
     return lines[-1]
+
+
+@contextlib.contextmanager
+def doc_module(path: str, heading: str, name: str):
+    """The python block of `doc_block(path, heading)` executed as a module
+    `name` of its own (registered in sys.modules while the context lasts, so
+    that dataclasses and pickling see a real module)."""
+    module = types.ModuleType(name)
+    sys.modules[name] = module
+    try:
+        exec(compile(doc_block(path, heading), path, "exec"), module.__dict__)
+        yield module
+    finally:
+        del sys.modules[name]
+
+
+def attention_f64(q, k, v, mask, scale):
+    """Reference attention in float64 numpy: q (B,T,N,H), k/v (B,S,K,H) with
+    N a multiple of K (grouped-query), boolean mask (B,1,T,S)."""
+    q, k, v = (np.asarray(a, np.float64) for a in (q, k, v))
+    groups = q.shape[2] // k.shape[2]
+    k, v = np.repeat(k, groups, axis=2), np.repeat(v, groups, axis=2)
+    s = np.einsum("btnh,bsnh->bnts", q, k) * scale
+    s = np.where(mask, s, -np.inf)
+    with np.errstate(invalid="ignore"):  # rows that see no key: NaN, never compared
+        p = np.exp(s - s.max(-1, keepdims=True))
+        p /= p.sum(-1, keepdims=True)
+    return np.einsum("bnts,bsnh->btnh", p, v)
 
 
 def doc_block(path: str, heading: str) -> str:

@@ -15,26 +15,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from hf_fixtures import libtpu_env
+from hf_fixtures import attention_f64, libtpu_env
 
 from ftjax.models import ModelConfig, attention, build_model, layers
 from ftjax.models.attention import MaskParts
 
 B, T, H = 2, 256, 64
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def _reference(q, k, v, mask, scale):
-    """Attention in float64 numpy; q (B,T,N,H), k/v (B,S,K,H), mask (B,1,T,S)."""
-    q, k, v = (np.asarray(a, np.float64) for a in (q, k, v))
-    groups = q.shape[2] // k.shape[2]
-    k, v = np.repeat(k, groups, axis=2), np.repeat(v, groups, axis=2)
-    s = np.einsum("btnh,bsnh->bnts", q, k) * scale
-    s = np.where(mask, s, -np.inf)
-    with np.errstate(invalid="ignore"):  # rows that see no key: NaN, never compared
-        p = np.exp(s - s.max(-1, keepdims=True))
-        p /= p.sum(-1, keepdims=True)
-    return np.einsum("bnts,bsnh->btnh", p, v)
 
 
 def _case(name, n=4, kv=4, b=B, t=T, seed=0):
@@ -71,7 +58,7 @@ def _check_against_dense(q, k, v, parts, splash, *, atol, grad_atol):
     rows = mask.any(-1)[:, 0]  # (B, T)
     got = np.asarray(jax.jit(splash)(q, k, v), np.float32)
     assert np.isfinite(got).all()  # rows that see nothing are finite too
-    want = _reference(q, k, v, mask, scale)
+    want = attention_f64(q, k, v, mask, scale)
     np.testing.assert_allclose(got[rows], want[rows], atol=atol, rtol=0)
 
     def loss(fn):
@@ -136,7 +123,7 @@ def test_dispatch_runs_splash_in_interpret_mode_on_cpu():
     assert "pallas_call" in jaxpr
     rows = mask.any(-1)[:, 0]
     np.testing.assert_allclose(
-        np.asarray(got)[rows], _reference(q, k, v, mask, H**-0.5)[rows], atol=2e-5
+        np.asarray(got)[rows], attention_f64(q, k, v, mask, H**-0.5)[rows], atol=2e-5
     )
     short = _case("causal", 4, 4, t=200)
     short_mask = _dense_mask(short[3], B, 200)

@@ -7,15 +7,13 @@ adapter loading in HF PEFT with the same logits."""
 import dataclasses
 import importlib.util
 import os
-import sys
-import types
 
 import jax
 import numpy as np
 import pytest
 import torch
 import transformers
-from hf_fixtures import TINY_HF_FIELDS, doc_block, torch_logits
+from hf_fixtures import TINY_HF_FIELDS, doc_module, torch_logits
 
 from ftjax import peft
 from ftjax.models import ModelConfig, build_model, from_pretrained, registry, save_pretrained
@@ -34,15 +32,12 @@ def family():
     """The doc's module, executed as a module of its own; the registry is
     restored afterwards so that other tests in this process never see it."""
     saved = dict(registry._FAMILIES)
-    module = types.ModuleType("docs_models_example")
-    sys.modules[module.__name__] = module
     try:
-        exec(compile(doc_block(DOC, "Adding a model family"), DOC, "exec"), module.__dict__)
-        yield module
+        with doc_module(DOC, "Adding a model family", "docs_models_example") as module:
+            yield module
     finally:
         registry._FAMILIES.clear()
         registry._FAMILIES.update(saved)
-        del sys.modules[module.__name__]
 
 
 def tiny_torch_model(seed=0):

@@ -5,12 +5,10 @@ the parameters it claims: the normalization layers inside the decoder."""
 
 import importlib.util
 import os
-import sys
-import types
 
 import numpy as np
 import pytest
-from hf_fixtures import doc_block
+from hf_fixtures import doc_module
 
 from ftjax.peft import registry
 from ftjax.peft.base import flatten_paths
@@ -23,14 +21,11 @@ QUICK = os.path.join(ROOT, "experiments", "quick", "train.py")
 
 @pytest.fixture(scope="module")
 def method():
-    module = types.ModuleType("docs_peft_example")
-    sys.modules[module.__name__] = module
     try:
-        exec(compile(doc_block(DOC, "Adding a method"), DOC, "exec"), module.__dict__)
-        yield module
+        with doc_module(DOC, "Adding a method", "docs_peft_example") as module:
+            yield module
     finally:
         registry.unregister("ln_tuning")
-        del sys.modules[module.__name__]
 
 
 def quick_config(arg):

@@ -11,7 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import transformers
-from hf_fixtures import TINY_CONFIGS, VOCAB, build_tiny, torch_logits
+from hf_fixtures import TINY_CONFIGS, VOCAB, attention_f64, build_tiny, torch_logits
 
 from ftjax.models import (
     CheckpointError,
@@ -226,18 +226,6 @@ def test_nonexistent_local_path():
         from_pretrained("./does/not/exist")
 
 
-def _attention_f64(q, k, v, mask, scale):
-    """Reference attention in float64 numpy; q (B,T,N,H), k/v (B,S,K,H)."""
-    q, k, v = (np.asarray(a, np.float64) for a in (q, k, v))
-    groups = q.shape[2] // k.shape[2]
-    k, v = np.repeat(k, groups, axis=2), np.repeat(v, groups, axis=2)
-    s = np.einsum("btnh,bsnh->bnts", q, k) * scale
-    s = np.where(mask, s, -np.inf)
-    p = np.exp(s - s.max(-1, keepdims=True))
-    p /= p.sum(-1, keepdims=True)
-    return np.einsum("bnts,bsnh->btnh", p, v)
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize("t", [256, 200])  # 4 equal blocks; uneven blocks
 def test_causal_block_attention_equals_float64_attention(t):
@@ -254,7 +242,7 @@ def test_causal_block_attention_equals_float64_attention(t):
     mask = np.asarray(layers.attention_mask(index, index, valid, segments, segments))
     got = layers.dot_product_attention(q, k, v, mask, h**-0.5, causal=True)
     assert t >= 2 * layers.CAUSAL_BLOCK_MIN  # the blocked path, not the fallback
-    want = _attention_f64(q, k, v, mask, h**-0.5)
+    want = attention_f64(q, k, v, mask, h**-0.5)
     rows = mask.any(-1)[:, 0]  # (B, T): query rows that see at least one key
     np.testing.assert_allclose(np.asarray(got)[rows], want[rows], atol=2e-5, rtol=0)
 

@@ -29,6 +29,7 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from ftjax.errors import ConfigError
+from ftjax.models import attention
 from ftjax.models.registry import FamilySpec, get_family, module_regex
 from ftjax.train.step import StepConfig, TrainState, eval_step, train_step
 
@@ -193,8 +194,6 @@ class Parallel:
     def tracing(self):
         """The context the step is traced in: the target platform (which
         attention kernel) and the mesh (kernels that must be `shard_map`ped)."""
-        from ftjax.models import attention
-
         stack = contextlib.ExitStack()
         stack.enter_context(attention.target_platform(self.platform))
         if self.mesh is not None:
@@ -211,7 +210,7 @@ class Parallel:
 
     def place_state(self, state: TrainState):
         if self.mode == "single":
-            return jax.device_put(state, jax.devices()[0])
+            return jax.device_put(state, self.devices[0])
         if self.mode == "pmap":
             # One stacked copy per local device, laid out along the pmapped axis.
             n = jax.local_device_count()
@@ -229,7 +228,7 @@ class Parallel:
         """`local_batch`: this process's rows of the global batch (all rows when
         there is one process)."""
         if self.mode == "single":
-            return jax.device_put(local_batch, jax.devices()[0])
+            return jax.device_put(local_batch, self.devices[0])
         if self.mode == "pmap":
             n = jax.local_device_count()
             split = lambda x: np.asarray(x).reshape((n, -1) + np.shape(x)[1:])
