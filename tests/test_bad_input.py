@@ -334,6 +334,12 @@ def test_bad_field_is_named(path, value, expected):
     assert _refused(cfg, FtjaxError).startswith(expected)
 
 
+def test_offloaded_optimizer_under_pmap_is_refused():
+    cfg = _run_config()
+    cfg.parallel.mode, cfg.parallel.offload_optimizer = "pmap", True
+    assert _refused(cfg, FtjaxError).startswith("parallel.offload_optimizer=True needs a sharded")
+
+
 def test_unknown_fields_and_sections_are_refused():
     from ftjax.peft.base import PeftError
 

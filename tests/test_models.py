@@ -110,7 +110,7 @@ def test_remat_policies_give_same_gradients(model_type, scan):
         return build_model(c).apply({"params": p}, ids).mean()
 
     g1 = jax.grad(loss)(params, cfg)
-    for policy in ("full", "dots", "attention", "offload", True):
+    for policy in ("full", "dots", "attention", "offload", "full_offload", True):
         g2 = jax.jit(jax.grad(loss), static_argnums=1)(params, cfg.replace(remat=policy))
         chex.assert_trees_all_close(g1, g2, atol=1e-6)
 

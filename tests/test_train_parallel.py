@@ -46,9 +46,9 @@ def initial_state(method_name, accum=1, *, model_cfg=CFG, optim=None, steps=10):
     return model, tx, init_state(params, peft.build_method(METHODS[method_name]), tx, seed=0)
 
 
-def run(method_name, mode, steps=3, accum=1, batches=None):
+def run(method_name, mode, steps=3, accum=1, batches=None, offload=False):
     model, tx, state = initial_state(method_name, accum)
-    par = Parallel(mode, model, tx, StepConfig(accum_steps=accum))
+    par = Parallel(mode, model, tx, StepConfig(accum_steps=accum), offload_optimizer=offload)
     state = par.place_state(state)
     losses = []
     for i in range(steps):
@@ -95,6 +95,29 @@ def test_modes_match_single_device(reference, mode):
     assert_relative_close(params, ref_params, 1e-5)
     # The parameters moved, so the equality above is not the trivial one.
     assert losses[0] != losses[-1]
+
+
+@pytest.mark.parametrize("mode", ["single", "fsdp"])
+def test_optimizer_state_offloaded_to_host_trains_identically(reference, mode):
+    method_name, (ref_losses, ref_params) = reference
+    losses, params = run(method_name, mode, offload=True)
+    np.testing.assert_allclose(losses, ref_losses, rtol=1e-5)
+    assert_relative_close(params, ref_params, 1e-5)
+    # Between steps the moments really are in host memory.
+    model, tx, state = initial_state(method_name)
+    par = Parallel(mode, model, tx, StepConfig(), offload_optimizer=True)
+    state, _ = par.train_step(par.place_state(state), par.place_batch(make_batch(0)))
+    kinds = {x.sharding.memory_kind for x in jax.tree.leaves(state.opt_state)}
+    assert kinds == {"pinned_host"}
+    assert state.trainable and all(
+        x.sharding.memory_kind == "device" for x in jax.tree.leaves(state.trainable)
+    )
+
+
+def test_offloaded_optimizer_refused_under_pmap():
+    model, tx, _ = initial_state("lora")
+    with pytest.raises(ConfigError, match="offload_optimizer"):
+        Parallel("pmap", model, tx, StepConfig(), offload_optimizer=True)
 
 
 def test_fsdp_and_tensor_actually_shard():

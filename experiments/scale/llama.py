@@ -8,7 +8,8 @@ length 4,096, AdamW and bfloat16 compute:
     70b-qlora   Llama-3.1-70B, QLoRA (NF4 base) r=16 on every linear layer, batch 8
 
 all FSDP (`parallel.mode=fsdp`), layers scanned, rematerialized per layer
-(`model.remat=full`). Plan, then run:
+(`model.remat=full`; 70b-qlora keeps each layer's input in host memory,
+`model.remat=full_offload`, which is what fits it on a v5e-8). Plan, then run:
 
     python scripts/plan.py --config=experiments/scale/llama.py:8b-lora --target=v5e-8
     python scripts/train.py --config=experiments/scale/llama.py:8b-lora --workdir=runs/8b-lora \
@@ -31,7 +32,13 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 CASES = {
     "8b-lora": dict(model="llama-3.1-8b", method="lora", batch="32", param_dtype="bfloat16"),
     "8b-full": dict(model="llama-3.1-8b", method="full", batch="32", param_dtype="float32"),
-    "70b-qlora": dict(model="llama-3.1-70b", method="qlora", batch="8", param_dtype="bfloat16"),
+    "70b-qlora": dict(
+        model="llama-3.1-70b",
+        method="qlora",
+        batch="8",
+        param_dtype="bfloat16",
+        remat="full_offload",
+    ),
 }
 
 
@@ -58,5 +65,6 @@ def get_config(arg=None):
     # Frozen bases are stored in the compute dtype; full tuning keeps float32
     # master weights (and so float32 optimizer state).
     cfg.model.param_dtype = c["param_dtype"]
+    cfg.model.remat = c.get("remat", cfg.model.remat)
     cfg.parallel.mode = "fsdp"
     return cfg

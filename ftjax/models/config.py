@@ -21,8 +21,10 @@ ATTENTION_KERNELS = ("auto", "block", "xla", "splash", "cudnn")  # attention.KER
 # keeps every activation; "full" only the layer's input (everything inside is
 # recomputed); "dots" also the matmul outputs; "attention" also the attention
 # output, so the attention kernel is not rerun; "offload" keeps the attention
-# output and the MLP hidden activations in host memory (TPU/GPU).
-REMAT_POLICIES = ("none", "full", "dots", "attention", "offload")
+# output and the MLP hidden activations in host memory (TPU/GPU);
+# "full_offload" is "full" with each layer's input (the residual stream the
+# backward pass keeps, layers x batch x seq x hidden) in host memory.
+REMAT_POLICIES = ("none", "full", "dots", "attention", "offload", "full_offload")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -74,9 +74,9 @@ def finish_cache(cache, new_kv, inputs: DecoderInputs, num_new: int) -> dict:
     return {**new_kv, "index": cache["index"] + num_new, "valid": inputs.kv_valid}
 
 
-# Names of the activations the "attention" and "offload" policies keep
-# (`checkpoint_name` in each family's layer).
-ATTENTION_OUT, MLP_HIDDEN = "attention_out", "mlp_hidden"
+# Names of the activations the "attention", "offload" and "full_offload"
+# policies keep (`checkpoint_name` in each family's layer).
+ATTENTION_OUT, MLP_HIDDEN, LAYER_INPUT = "attention_out", "mlp_hidden", "layer_input"
 
 
 def causal_lm_outputs(x, head, inputs: DecoderInputs, cache, new_cache, return_hidden: bool):
@@ -109,6 +109,15 @@ def remat_policy(name: str):
         return policies.save_and_offload_only_these_names(
             names_which_can_be_saved=[],
             names_which_can_be_offloaded=[ATTENTION_OUT, MLP_HIDDEN],
+            offload_src="device",
+            offload_dst="pinned_host",
+        )
+    if name == "full_offload":
+        # The named layer input is what the scan keeps per layer; offloaded,
+        # the stack of them lives in host memory and comes back layer by layer.
+        return policies.save_and_offload_only_these_names(
+            names_which_can_be_saved=[],
+            names_which_can_be_offloaded=[LAYER_INPUT],
             offload_src="device",
             offload_dst="pinned_host",
         )

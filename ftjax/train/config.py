@@ -37,7 +37,7 @@ def default_model_config() -> ml_collections.ConfigDict:
             dtype="float32",  # compute dtype (bfloat16 for mixed precision)
             param_dtype="float32",  # master weights and optimizer state
             scan_layers=False,
-            remat="none",  # none | full | dots | attention | offload (ModelConfig.REMAT_POLICIES)
+            remat="none",  # none | full | dots | attention | offload | full_offload (REMAT_POLICIES)
             attention=defaults["attention"],  # auto | block | xla | splash | cudnn (ModelConfig)
         )
     )
@@ -78,6 +78,9 @@ def default_parallel_config() -> ml_collections.ConfigDict:
         dict(
             mode="single",
             model_parallel=0,  # tensor mode: size of the `model` mesh axis (0: auto)
+            # Keep the optimizer state in host memory between steps (moved to the
+            # device inside the step): frees its HBM for activations.
+            offload_optimizer=False,
             distributed=False,  # call jax.distributed.initialize() (multi-host)
             coordinator_address="",
             num_processes=0,
@@ -274,6 +277,11 @@ def validate_parallel_config(pcfg) -> None:
         raise ConfigError(
             f"parallel.model_parallel={pcfg.model_parallel} applies to parallel.mode='tensor' "
             f"only, not {pcfg.mode!r}; expected 0"
+        )
+    if pcfg.offload_optimizer and pcfg.mode == "pmap":
+        raise ConfigError(
+            "parallel.offload_optimizer=True needs a sharded mode (single, data, fsdp or "
+            "tensor), not parallel.mode='pmap'"
         )
     if pcfg.coordinator_address:
         if pcfg.num_processes < 1:

@@ -227,7 +227,14 @@ def _build(cfg, workdir: str) -> _Setup:
     )
     step_cfg = step_config(cfg)
     model = start.model
-    par = Parallel(cfg.parallel.mode, model, start.tx, step_cfg, int(cfg.parallel.model_parallel))
+    par = Parallel(
+        cfg.parallel.mode,
+        model,
+        start.tx,
+        step_cfg,
+        int(cfg.parallel.model_parallel),
+        offload_optimizer=bool(cfg.parallel.offload_optimizer),
+    )
     par.check_batch_size(int(cfg.data.batch_size), step_cfg.accum_steps)
     ckpt = start.checkpointer(
         workdir,

@@ -90,13 +90,24 @@ class Parallel:
     """
 
     def __init__(
-        self, mode, model, tx, step_cfg: StepConfig, model_parallel: int = 0, devices=None
+        self,
+        mode,
+        model,
+        tx,
+        step_cfg: StepConfig,
+        model_parallel: int = 0,
+        devices=None,
+        offload_optimizer: bool = False,
     ):
         """`devices`: the devices to lay the step out on (default: all of
         `jax.devices()`); the planner passes a TPU topology's devices to
-        compile for hardware that is not attached."""
+        compile for hardware that is not attached. `offload_optimizer`: the
+        optimizer state lives in pinned host memory between steps."""
         if mode not in MODES:
             raise ConfigError(f"parallel.mode={mode!r}; expected one of {', '.join(MODES)}")
+        if offload_optimizer and mode == "pmap":
+            raise ConfigError("parallel.offload_optimizer=True is not available with mode='pmap'")
+        self.offload_optimizer = offload_optimizer
         self.mode, self.model, self.tx, self.step_cfg = mode, model, tx, step_cfg
         devices = list(jax.devices() if devices is None else devices)
         self.devices = devices
@@ -149,8 +160,17 @@ class Parallel:
         return P()
 
     def state_sharding(self, state):
-        specs = jax.tree_util.tree_map_with_path(self._leaf_spec, state)
-        return jax.tree.map(lambda s: NamedSharding(self.mesh, s), specs)
+        """Each state leaf's sharding; with `offload_optimizer` the optimizer
+        state's in pinned host memory."""
+        if self.mode == "single":
+            device = jax.sharding.SingleDeviceSharding(self.devices[0])
+            shardings = jax.tree.map(lambda _: device, state)
+        else:
+            specs = jax.tree_util.tree_map_with_path(self._leaf_spec, state)
+            shardings = jax.tree.map(lambda s: NamedSharding(self.mesh, s), specs)
+        if self.offload_optimizer:
+            shardings = shardings._replace(opt_state=_with_memory(shardings.opt_state, HOST))
+        return shardings
 
     def abstract_state(self, state_shapes):
         """`state_shapes` (e.g. from `jax.eval_shape`) with this mode's
@@ -161,11 +181,7 @@ class Parallel:
             return jax.tree.map(
                 lambda x: jax.ShapeDtypeStruct((n,) + tuple(x.shape), x.dtype), state_shapes
             )
-        if self.mode == "single":
-            sharding = jax.sharding.SingleDeviceSharding(self.devices[0])
-            self._state_sharding = jax.tree.map(lambda _: sharding, state_shapes)
-        else:
-            self._state_sharding = self.state_sharding(state_shapes)
+        self._state_sharding = self.state_sharding(state_shapes)
         return jax.tree.map(
             lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
             state_shapes,
@@ -209,7 +225,7 @@ class Parallel:
     # ------------------------------------------------------------------ placement
 
     def place_state(self, state: TrainState):
-        if self.mode == "single":
+        if self.mode == "single" and not self.offload_optimizer:
             return jax.device_put(state, self.devices[0])
         if self.mode == "pmap":
             # One stacked copy per local device, laid out along the pmapped axis.
@@ -256,13 +272,18 @@ class Parallel:
             fn = functools.partial(train_step, model=self.model, tx=self.tx, cfg=cfg)
             return jax.pmap(fn, axis_name="batch", donate_argnums=0)
         fn = functools.partial(train_step, model=self.model, tx=self.tx, cfg=self.step_cfg)
+        if self.offload_optimizer:
+            fn = _optimizer_on_device(fn, _with_memory(self._state_sharding.opt_state, DEVICE))
         if self.mode == "single":
-            return jax.jit(fn, donate_argnums=0)
-        replicated = NamedSharding(self.mesh, P())
+            if not self.offload_optimizer:
+                return jax.jit(fn, donate_argnums=0)
+            batch = metrics = jax.sharding.SingleDeviceSharding(self.devices[0])
+        else:
+            batch, metrics = self.batch_sharding(), NamedSharding(self.mesh, P())
         return jax.jit(
             fn,
-            in_shardings=(self._state_sharding, self.batch_sharding()),
-            out_shardings=(self._state_sharding, replicated),
+            in_shardings=(self._state_sharding, batch),
+            out_shardings=(self._state_sharding, metrics),
             donate_argnums=0,
         )
 
@@ -292,6 +313,24 @@ class Parallel:
         """The lowered (not yet compiled) step, for cost analysis and XLA dumps."""
         with self.tracing():
             return self._train_fn.lower(state, batch)
+
+
+HOST, DEVICE = "pinned_host", "device"
+
+
+def _with_memory(shardings, kind: str):
+    return jax.tree.map(lambda s: s.with_memory_kind(kind), shardings)
+
+
+def _optimizer_on_device(step_fn, device_shardings):
+    """`step_fn` for a state whose optimizer state is in host memory: moved
+    to the device for the update; `out_shardings` send the new one back."""
+
+    def step(state, batch):
+        opt_state = jax.device_put(state.opt_state, device_shardings)
+        return step_fn(state._replace(opt_state=opt_state), batch)
+
+    return step
 
 
 def to_host(x):

@@ -140,8 +140,15 @@ def prepare(cfg, target: Target) -> Prepared:
             "plan it with parallel.mode='data' or 'fsdp' (the same numbers, and what "
             "scales to pods)"
         )
+    offload = bool(cfg.parallel.offload_optimizer)
     par = Parallel(
-        mode, model, tx, step_cfg, int(cfg.parallel.model_parallel), devices=target.devices
+        mode,
+        model,
+        tx,
+        step_cfg,
+        int(cfg.parallel.model_parallel),
+        devices=target.devices,
+        offload_optimizer=offload,
     )
     batch_size, seq_len = int(cfg.data.batch_size), int(cfg.data.seq_len)
     par.check_batch_size(batch_size, step_cfg.accum_steps)
@@ -175,6 +182,7 @@ def prepare(cfg, target: Target) -> Prepared:
         "seq_len": seq_len,
         "accum_steps": step_cfg.accum_steps,
         "loss_chunk": step_cfg.loss_chunk,
+        "optimizer_on_host": offload,
         "memory_capacity_bytes": target.memory_bytes,
         "per_device_bytes": {
             "params": per_device_bytes((held.trainable, held.frozen)),
@@ -212,7 +220,10 @@ def plan(cfg, target: Target) -> dict:
             kind, size, limit = used
             per_device[kind] = size
             if kind == "temporaries":  # the state is held besides them
-                per_device["total"] = size + per_device["params"] + per_device["optimizer_state"]
+                held = per_device["params"] + (
+                    0 if report["optimizer_on_host"] else per_device["optimizer_state"]
+                )
+                per_device["total"] = size + held
             report["memory_capacity_bytes"] = limit  # what the compiler could use
             report["margin_bytes"] = limit - per_device["total"]
         return report
@@ -226,6 +237,7 @@ def plan(cfg, target: Target) -> dict:
         temporaries=int(mem.temp_size_in_bytes),
         code=int(mem.generated_code_size_in_bytes),
         host_temporaries=int(getattr(mem, "host_temp_size_in_bytes", 0) or 0),
+        host_arguments=int(getattr(mem, "host_argument_size_in_bytes", 0) or 0),
         total=total,
     )
     cost = _cost(compiled)
@@ -291,13 +303,15 @@ def format_report(r: dict) -> str:
         f"model {m['model_type']} {m['params'] / 1e6:,.1f}M params, method {method} "
         f"({m['trainable']:,} trainable), batch {r['global_batch']} x {r['seq_len']}, "
         f"dtype {m['dtype']}/{m['param_dtype']}, remat={m['remat']}, attention={m['attention']}",
-        f"per device: params {_gib(b['params'])}, optimizer state {_gib(b['optimizer_state'])}",
+        f"per device: params {_gib(b['params'])}, optimizer state {_gib(b['optimizer_state'])}"
+        + (" (in host memory)" if r.get("optimizer_on_host") else ""),
     ]
     if "outputs" in b:
+        host = b.get("host_temporaries", 0) + b.get("host_arguments", 0)
         lines.append(
             f"  temporaries {_gib(b['temporaries'])}, outputs {_gib(b['outputs'])} "
             f"({_gib(b['aliased'])} aliased to donated inputs), total {_gib(b['total'])}"
-            + (f"; host memory {_gib(b['host_temporaries'])}" if b.get("host_temporaries") else "")
+            + (f"; host memory {_gib(host)}" if host else "")
         )
     capacity = r.get("memory_capacity_bytes")
     if r.get("fits") is None:

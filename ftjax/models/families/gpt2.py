@@ -17,6 +17,7 @@ from ftjax.models import layers
 from ftjax.models.config import ModelConfig
 from ftjax.models.decoder import (
     ATTENTION_OUT,
+    LAYER_INPUT,
     MLP_HIDDEN,
     DecoderInputs,
     apply_layers,
@@ -69,6 +70,7 @@ class GPT2Block(nn.Module):
     @nn.compact
     def __call__(self, x, inputs: DecoderInputs, layer_cache):
         cfg = self.cfg
+        x = checkpoint_name(x, LAYER_INPUT)  # for the "full_offload" policy
         h, new_cache = GPT2Attention(cfg, name="attn")(
             _layernorm(cfg, "ln_1")(x), inputs, layer_cache, self.deterministic
         )

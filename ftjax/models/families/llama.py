@@ -15,6 +15,7 @@ from ftjax.models import layers
 from ftjax.models.config import ModelConfig, freeze_rope_scaling
 from ftjax.models.decoder import (
     ATTENTION_OUT,
+    LAYER_INPUT,
     MLP_HIDDEN,
     DecoderInputs,
     OutputHead,
@@ -80,6 +81,7 @@ class LlamaDecoderLayer(nn.Module):
     @nn.compact
     def __call__(self, x, inputs: DecoderInputs, layer_cache):
         cfg, deterministic = self.cfg, self.deterministic
+        x = checkpoint_name(x, LAYER_INPUT)  # for the "full_offload" policy
         norm = lambda name: layers.RMSNorm(cfg.norm_eps, cfg.dtype, cfg.param_dtype, name=name)
         h, new_cache = LlamaAttention(cfg, name="self_attn")(
             norm("input_layernorm")(x), inputs, layer_cache, deterministic
