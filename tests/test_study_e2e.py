@@ -27,22 +27,30 @@ def sweep_dir(tmp_path_factory):
     return d
 
 
+def _chosen(sweep_dir) -> dict:
+    """Each row's runs (seeds) as the sweep's selection stage chose them."""
+    selection = json.loads((sweep_dir / "selection.json").read_text())
+    return {label: row["runs"] for label, row in selection["rows"].items()}
+
+
+LORA = "lora_r=4,lr=0.003,seed=0"
+
+
 def test_every_run_has_its_files(sweep_dir):
     runs = sorted(p for p in os.listdir(sweep_dir) if (sweep_dir / p).is_dir())
-    assert runs == [
-        "base",
-        "method=full,seed=0",
-        "method=full,seed=1",
-        "method=lora,rank=4,seed=0",
-        "method=qlora,rank=4,seed=0",
-    ]
+    chosen = _chosen(sweep_dir)
+    grid = ["full,lr=0.001,seed=0", "full,lr=0.003,seed=0", LORA, "qlora_r=4,lr=0.003,seed=0"]
+    finals = [names[1] for names in chosen.values()]
+    assert runs == sorted(["base", *grid, *finals])
+    assert chosen["full"][0] in grid and chosen["lora r=4"] == [LORA, "lora_r=4,lr=0.003,seed=1"]
     for run in runs:
         for f in ("config.json", "metrics.jsonl", "summary.json"):
             assert (sweep_dir / run / f).exists(), (run, f)
-    s = json.loads((sweep_dir / "method=lora,rank=4,seed=0" / "summary.json").read_text())
+    s = json.loads((sweep_dir / LORA / "summary.json").read_text())
     for key in (
         "base/general/exact_match",
         "final/target/exact_match",
+        "final/target_val/exact_match",
         "forgetting/general/exact_match_drop",
         "analysis/energy_rank_90",
     ):
@@ -53,17 +61,37 @@ def test_every_run_has_its_files(sweep_dir):
     )
     # LoRA changes the adapted matrices with rank at most r.
     assert 1 <= s["analysis/energy_rank_90"] <= 4
-    assert (sweep_dir / "method=lora,rank=4,seed=0" / "adapter" / "adapter_config.json").exists()
+    assert (sweep_dir / LORA / "adapter" / "adapter_config.json").exists()
     # The base model was exported in HF layout for the fine-tuning runs.
     assert (sweep_dir / "base" / "hf" / "model.safetensors").exists()
     # Concurrent runs logged to files and recorded that they shared the machine.
-    assert s["concurrent_runs"] == 2 and (sweep_dir / "method=full,seed=1" / "run.log").exists()
+    assert s["concurrent_runs"] == 2 and (sweep_dir / chosen["full"][1] / "run.log").exists()
     # Seeds change the data order too: full tuning's two seeds differ.
-    f0, f1 = (
-        json.loads((sweep_dir / f"method=full,seed={k}" / "summary.json").read_text())
-        for k in (0, 1)
-    )
+    f0, f1 = (json.loads((sweep_dir / n / "summary.json").read_text()) for n in chosen["full"])
     assert f0["final/target/loss"] != f1["final/target/loss"]
+
+
+def test_runs_record_learning_and_forgetting_curves(sweep_dir):
+    """Exact match on every eval set at step 0 (the base), every
+    `train.eval_every` steps and at the end, on the curve's first prompts;
+    at step 0 it equals the base's score on those prompts, at the end the
+    final score when the curve covers the whole eval set."""
+    from ftjax.study.sweep import load_study
+
+    cfg = load_study(STUDY).get_config("quick=1")
+    every, steps = cfg.train.eval_every, cfg.train.steps
+    records = [
+        json.loads(line) for line in (sweep_dir / LORA / "metrics.jsonl").read_text().splitlines()
+    ]
+    curve = [r for r in records if "curve/target/exact_match" in r]
+    assert [r["step"] for r in curve] == sorted({0, *range(every, steps, every), steps})
+    for r in curve:
+        assert {"curve/general/exact_match", "curve/target_val/exact_match"} <= set(r)
+        assert "eval/general/loss" in r  # the loss curve at the same steps
+    s = json.loads((sweep_dir / LORA / "summary.json").read_text())
+    assert curve[0]["eval/general/loss"] == pytest.approx(s["base/general/loss"], rel=1e-5)
+    if cfg.eval.curve_examples >= cfg.eval.max_examples:
+        assert curve[-1]["curve/target/exact_match"] == s["final/target/exact_match"]
 
 
 def test_report_tables_and_plots(sweep_dir):
@@ -72,15 +100,18 @@ def test_report_tables_and_plots(sweep_dir):
     md = (sweep_dir / "report.md").read_text()
     assert "| full | 2 |" in md  # two seeds aggregated into one row
     assert "± " in md
-    assert "lora r=4 all-linear" in md and "qlora r=4 all-linear" in md
+    assert "| lora r=4 | 2 |" in md and "| qlora r=4 | 2 |" in md
     assert "## Findings" in md and "Pareto front" in md
-    assert "4 of 4 runs ran 2 at a time" in md
+    for section in ("## Hyperparameter selection", "## Forgetting at matched learning",
+                    "## Comparisons"):  # fmt: skip
+        assert section in md, section
+    assert "(chosen)" in md and "full − lora r=4" in md
     from ftjax.study import build_report
 
     report = build_report(str(sweep_dir))
     assert sorted(report.figures) == sorted(
         ["learning_vs_forgetting.png", "training_curves.png", "target_vs_params.png",
-         "weight_analysis.png"])  # fmt: skip
+         "weight_analysis.png", "learning_forgetting_curves.png"])  # fmt: skip
     for png in report.figures:
         assert (sweep_dir / png).exists(), png
     rows = {r["label"]: r for r in report.rows}
@@ -104,7 +135,8 @@ def test_report_tables_and_plots(sweep_dir):
 
 def test_finished_runs_are_skipped(sweep_dir):
     out = script("sweep.py", f"--config={STUDY}:quick=1", f"--workdir={sweep_dir}", "--quiet")
-    assert out.stdout.count("finished, skipped") == 5
+    assert out.stdout.count("finished, skipped") == 8  # base, 4 grid runs, 3 finals
+    assert "stage final: 3 run(s)" in out.stdout
 
 
 def test_emit_commands(sweep_dir):
@@ -112,7 +144,9 @@ def test_emit_commands(sweep_dir):
         "sweep.py", f"--config={STUDY}:quick=1", f"--workdir={sweep_dir}", "--emit=commands"
     )
     lines = out.stdout.strip().splitlines()
-    assert len(lines) == 5 and "--only=base" in lines[0]
+    # Prerequisite, grid, then (the grid has finished) the final seeds.
+    assert len(lines) == 8 and "--only=base" in lines[0]
+    assert "--only=lora_r=4,lr=0.003,seed=1" in out.stdout
     assert all(
         "python -m ftjax.study.runner" in line and f"--workdir={sweep_dir}" in line
         for line in lines
@@ -134,7 +168,7 @@ def test_bad_study_arg_is_one_line(tmp_path):
 
 
 def test_evaluate_script_reproduces_the_run_metrics(sweep_dir, tmp_path):
-    run = sweep_dir / "method=lora,rank=4,seed=0"
+    run = sweep_dir / LORA
     summary = json.loads((run / "summary.json").read_text())
     out = tmp_path / "eval.json"
     script("evaluate.py", f"--workdir={run}", f"--out={out}")
@@ -148,7 +182,7 @@ def test_export_script_writes_loadable_weights(sweep_dir, tmp_path):
     import numpy as np
     import transformers
 
-    run = sweep_dir / "method=lora,rank=4,seed=0"
+    run = sweep_dir / LORA
     script("export.py", f"--workdir={run}", f"--out={tmp_path}")
     assert (tmp_path / "adapter" / "adapter_model.safetensors").exists()
     model = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path / "hf"))
@@ -247,7 +281,7 @@ def test_killed_sweep_resumes_to_the_same_results(sweep_dir, tmp_path):
     # logged a training step, so its SIGTERM handler is installed and it is
     # mid-training (or past it, with its final checkpoint on disk).
     deadline = time.time() + 900
-    while not any(_logged_steps(p) for p in work.glob("method=*/metrics.jsonl")):
+    while not any(_logged_steps(p) for p in work.glob("*,seed=*/metrics.jsonl")):
         assert proc.poll() is None and time.time() < deadline, proc.stdout.read()
         time.sleep(0.05)
     proc.kill()
@@ -262,7 +296,7 @@ def test_killed_sweep_resumes_to_the_same_results(sweep_dir, tmp_path):
         return path.exists() and json.loads(path.read_text()).get("status") == "completed"
 
     done_before = {p.name for p in work.glob("*") if completed(p)}
-    interrupted = {p.name for p in work.glob("method=*") if not completed(p)}
+    interrupted = {p.name for p in work.glob("*,seed=*") if not completed(p)}
     assert "base" in done_before and interrupted, (done_before, interrupted)
     out = script("sweep.py", *args)
     for name in done_before:
@@ -272,7 +306,7 @@ def test_killed_sweep_resumes_to_the_same_results(sweep_dir, tmp_path):
         if json.loads((work / n / "summary.json").read_text()).get("resumed_from") is not None
     ]  # fmt: skip
     assert resumed, "no run resumed from the checkpoint its SIGTERM saved"
-    for run in ("method=full,seed=0", "method=full,seed=1", "method=lora,rank=4,seed=0"):
+    for run in [*_chosen(sweep_dir)["full"], LORA]:
         want = json.loads((sweep_dir / run / "summary.json").read_text())
         got = json.loads((work / run / "summary.json").read_text())
         assert got["steps"] == want["steps"]

@@ -65,7 +65,9 @@ def test_aggregate_values_against_statistics():
     xs = [0.5, 0.25, 0.75]
     assert s.n == 3 and s.mean == pytest.approx(statistics.fmean(xs))
     assert s.std == pytest.approx(statistics.stdev(xs))
-    assert s.ci95 == pytest.approx(4.303 * statistics.stdev(xs) / np.sqrt(3))  # t(0.975, df=2)
+    assert s.ci95 == pytest.approx(
+        4.303 * statistics.stdev(xs) / np.sqrt(3), rel=1e-4
+    )  # t(0.975, 2)
     one = aggregate_values([2.0])
     assert (one.mean, one.std, one.n, one.ci95) == (2.0, 0.0, 1, None)
     assert aggregate_values([None]).mean is None and aggregate_values([]).n == 0
@@ -84,19 +86,25 @@ def test_table_and_findings_come_from_the_summaries(sweep):
     assert "3 runs in 2 configurations" in md  # base and the unfinished run left out
     full = next(r for r in report.rows if r["label"] == "full")
     assert full["seeds"] == 2 and full["target"].mean == pytest.approx(0.9)
-    std = statistics.stdev([1.0, 0.8])
+    # ± is the 95% t-interval's half-width: t(0.975, df=1) = 12.706 times std / sqrt(2).
+    half = lambda xs: 12.7062 * statistics.stdev(xs) / np.sqrt(len(xs)) * 100
     row = next(line for line in md.splitlines() if line.startswith("| full |"))
     cells = [c.strip() for c in row.strip("|").split("|")]
     assert cells[:4] == ["full", "2", "1,000", "100%"]
-    assert cells[4] == f"{90.0:.1f} ± {std * 100:.1f}"  # target
-    assert cells[5] == "90.0 ± 0.0" and cells[6] == "25.0 ± 7.1"  # general before / after
-    assert cells[7] == "65.0 ± 7.1"  # forgetting
+    assert cells[4] == f"{90.0:.1f} ± {half([1.0, 0.8]):.1f}"  # target
+    general = f"25.0 ± {half([0.2, 0.3]):.1f}"
+    assert cells[5] == "90.0 ± 0.0" and cells[6] == general  # general before / after
+    assert cells[7] == f"65.0 ± {half([0.7, 0.6]):.1f}"  # forgetting
     assert cells[9] == "4.1e+03 ± 0" and cells[13] == "0.001"  # train state (MB), lr
     lora_row = next(line for line in md.splitlines() if line.startswith("| lora r=4 all-linear |"))
     assert "| 60.0 |" in lora_row and "| 20.0 |" in lora_row  # one seed: no ± part
-    assert "Highest target exact_match: **full** (90.0%), forgetting 65.0 points." in md
-    assert "Least forgetting: **lora r=4 all-linear** (20.0 points)" in md
-    assert "1 of 1 PEFT configurations learned less on the target and 1 of 1 forgot less" in md
+    assert (
+        "Highest mean target exact_match: **full** (90.0%), forgetting 65.0 points; its lead "
+        "over lora r=4 all-linear is untested (one seed)." in md
+    )
+    assert "Least mean forgetting: **lora r=4 all-linear** (20.0 points)" in md
+    # One LoRA seed: no interval, so no difference counts as resolved.
+    assert "0 of 1 PEFT configurations learned less on the target and 0 of 1 forgot less" in md
     assert "lora r=4 all-linear at 0.25× full fine-tuning's" in md
     # Further measurements: a run without the key shows "–".
     assert "| full | – |" in md and "| lora r=4 all-linear | 25.0 |" in md
@@ -156,3 +164,120 @@ def test_write_report_saves_what_it_built(sweep, tmp_path):
 def test_pareto_front():
     pts = [(0.9, 0.6), (0.6, 0.2), (0.5, 0.3), (0.9, 0.7)]
     assert pareto_front(pts) == [0, 1]
+
+
+# ----------------------------------------------------------------------------- selection
+# A sweep with a selection stage: two rows, three seeds each, curves along
+# training; one grid point of "lora" collapsed (nothing learned, general lost).
+
+CURVES = {  # run -> [(step, target, general)]
+    "full,lr=0.001,seed=0": [(0, 0.0, 0.9), (10, 0.5, 0.6), (20, 1.0, 0.4)],
+    "full,lr=0.001,seed=1": [(0, 0.0, 0.9), (10, 0.3, 0.7), (20, 0.9, 0.5)],
+    "full,lr=0.001,seed=2": [(0, 0.0, 0.9), (10, 0.6, 0.5), (20, 0.95, 0.45)],
+    "lora,lr=0.003,seed=0": [(0, 0.0, 0.9), (10, 0.1, 0.9), (20, 0.6, 0.8)],
+    "lora,lr=0.003,seed=1": [(0, 0.0, 0.9), (10, 0.5, 0.85), (20, 0.7, 0.8)],
+    "lora,lr=0.003,seed=2": [(0, 0.0, 0.9), (10, 0.2, 0.9), (20, 0.3, 0.9)],
+    "lora,lr=0.03,seed=0": [(0, 0.0, 0.9), (10, 0.0, 0.0), (20, 0.0, 0.0)],
+}
+
+
+@pytest.fixture()
+def selected_sweep(tmp_path):
+    import json
+
+    full = {"name": "full"}
+    lora = {"name": "lora", "rank": 4, "targets": "all-linear"}
+    for name, points in CURVES.items():
+        run = RunDir(tmp_path / name)
+        run.append_metrics(
+            {"step": st, "curve/target/exact_match": t, "curve/general/exact_match": g}
+            for st, t, g in points
+        )
+        _, t, g = points[-1]
+        run.write_summary(_summary(full if name.startswith("full") else lora, t, g))
+    grid = lambda run, val: {"point": {"optim.lr": float(run.split("lr=")[1].split(",")[0])},
+                             "run": run, "maximize": val, "then_minimize": 1.0}  # fmt: skip
+    selection = {
+        "rule": {"maximize": "final/target_val/exact_match",
+                 "then_minimize": "final/target_val/loss"},
+        "seeds": [0, 1, 2],
+        "comparisons": [["full", "lora"]],
+        "rows": {
+            "full": {"arg": "", "grid": [grid("full,lr=0.001,seed=0", 0.9)], "chosen": 0,
+                     "point": {"optim.lr": 0.001},
+                     "runs": [f"full,lr=0.001,seed={s}" for s in range(3)]},
+            "lora": {"arg": "", "grid": [grid("lora,lr=0.003,seed=0", 0.5),
+                                         grid("lora,lr=0.03,seed=0", 0.0)],
+                     "chosen": 0, "point": {"optim.lr": 0.003},
+                     "runs": [f"lora,lr=0.003,seed={s}" for s in range(3)]},
+        },
+    }  # fmt: skip
+    (tmp_path / "selection.json").write_text(json.dumps(selection))
+    return tmp_path
+
+
+def _table(md: str, heading: str) -> dict[str, list[str]]:
+    """The first cell -> the other cells, of the table under `heading`."""
+    part = md.split(heading, 1)[1].split("\n## ", 1)[0]
+    rows = [ln for ln in part.splitlines() if ln.startswith("| ") and not ln.startswith("| ---")]
+    return {r.strip("|").split("|")[0].strip(): [c.strip() for c in r.strip("|").split("|")[1:]]
+            for r in rows[1:]}  # fmt: skip
+
+
+def test_rows_are_the_selection_and_its_grid_is_shown(selected_sweep):
+    report = build_report(str(selected_sweep))
+    md = report.markdown
+    assert [(r["label"], r["seeds"]) for r in report.rows] == [("full", 3), ("lora", 3)]
+    assert "6 runs in 2 configurations (7 in all with the selection grid)" in md
+    assert "**lr=0.003** (chosen)" in md and "| lr=0.03 |" in md
+    # The collapsed grid point was not chosen: no note that the chosen one collapsed.
+    assert "the chosen point learned none" not in md
+
+
+def test_matched_learning_from_the_curves(selected_sweep):
+    md = build_report(str(selected_sweep)).markdown
+    table = _table(md, "## Forgetting at matched learning")
+    # Full's final target mean is (1.0 + 0.9 + 0.95) / 3 = 0.95: the levels are
+    # 47.5% and 85.5%. Full reaches 47.5% at step 10 in seeds 0 and 2 (drops
+    # 0.3, 0.4) and at step 20 in seed 1 (drop 0.4).
+    drops = [0.3, 0.4, 0.4]
+    half = 4.3027 * statistics.stdev(drops) / np.sqrt(3) * 100
+    assert table["full"][0] == f"{np.mean(drops) * 100:.3g} ± {half:.3g} (3/3)"
+    steps = [10, 20, 10]
+    assert (
+        table["full"][1]
+        == f"{np.mean(steps):.3g} ± {4.3027 * statistics.stdev(steps) / np.sqrt(3):.3g}"
+    )
+    # LoRA reaches 47.5% in seeds 0 (step 20, drop 0.1) and 1 (step 10, drop 0.05).
+    lora = [0.1, 0.05]
+    half = 12.7062 * statistics.stdev(lora) / np.sqrt(2) * 100
+    assert table["lora"][0] == f"{np.mean(lora) * 100:.3g} ± {half:.3g} (2/3)"
+    # 85.5%: only full gets there (at step 20 in every seed).
+    assert table["lora"][2] == "not reached (0/3)"
+
+
+def test_comparisons_are_welch_intervals(selected_sweep):
+    md = build_report(str(selected_sweep)).markdown
+    table = _table(md, "## Comparisons")
+    full_t, lora_t = [1.0, 0.9, 0.95], [0.6, 0.7, 0.3]
+    diff = np.mean(full_t) - np.mean(lora_t)
+    va, vb = np.var(full_t, ddof=1) / 3, np.var(lora_t, ddof=1) / 3
+    df = (va + vb) ** 2 / (va**2 / 2 + vb**2 / 2)
+    assert 2 <= df < 3  # the table's t for df 2
+    half = 4.3027 * np.sqrt(va + vb)
+    cells = table["full − lora"]
+    assert cells[0] == f"{diff * 100:+.1f} ± {half * 100:.1f}"
+    assert cells[1] == ("yes" if diff > half else "no")
+
+
+def test_learning_forgetting_curves_plot_the_seed_means(selected_sweep):
+    fig = build_report(str(selected_sweep)).figures["learning_forgetting_curves.png"]
+    ax_t, ax_g, ax_tg = fig.axes
+    lines = {line.get_label(): line.get_xydata().ravel().tolist() for line in ax_tg.lines}
+    full = np.mean([[(t, g) for _, t, g in CURVES[f"full,lr=0.001,seed={s}"]] for s in range(3)], 0)
+    assert lines["full"] == pytest.approx((full * 100).ravel().tolist())
+    target = {line.get_label(): line.get_xydata().tolist() for line in ax_t.lines}
+    assert [x for x, _ in target["lora"]] == [0, 10, 20]
+    # Every row its own colour and marker.
+    styles = [(line.get_color(), line.get_marker()) for line in ax_tg.lines]
+    assert len(set(styles)) == len(styles)

@@ -53,12 +53,14 @@ from ftjax.experiment import (
     ensure_suite,
     parse_arg,
     pretrain_on_general,
+    seed_everything,
     split_method_options,
     suite_study_config,
     with_method,
 )
 
 NOISE_RATES = (0.0, 0.2, 0.5)
+SEEDS = (0, 1, 2)
 FULL = dict(
     suite=dict(
         general_train=8000, general_eval=80, target_train=1000, target_eval=80, target_task="modop"
@@ -99,6 +101,7 @@ def get_config(arg=None):
     size = QUICK if args.pop("quick", "0") in ("1", "true") else FULL
     method = args.pop("method", "full")
     noise = _noise(args.pop("noise", "0"))
+    seed = args.pop("seed", None)
     method_options, rest = split_method_options(args)
     if rest:
         raise ConfigError(f"config arg: unknown key(s) {sorted(rest)} for the data-quality study")
@@ -130,6 +133,8 @@ def get_config(arg=None):
         # Small batches, many steps: at this size the target task is learned
         # per update, not per token (bs 16 x 400 steps beats bs 32 x 200).
         cfg.data.batch_size = size["batch_size"]
+        if seed is not None:
+            seed_everything(cfg, seed)
     cfg.data.max_eval_examples = size["eval_examples"]
     # `variant` and `label` keep noise rates apart in the report, whose rows
     # group runs by method label and lr (see the study's README section).
@@ -154,6 +159,11 @@ def get_sweep(arg=None):
         # The end-to-end test: two noise rates of one method, which the report
         # must keep apart (the full sweep adds LoRA through the same code).
         return [{"arg": "method=full,noise=0"}, {"arg": "method=full,noise=0.5"}]
+    # Three seeds per cell (a seed sets the data order, adapter init and
+    # dropout): the report's intervals are over them.
     return [
-        {"arg": f"method={m},noise={n:g}"} for m in ("full", "lora,rank=16") for n in NOISE_RATES
+        {"arg": f"method={m},noise={n:g},seed={seed}"}
+        for m in ("full", "lora,rank=16")
+        for n in NOISE_RATES
+        for seed in SEEDS
     ]

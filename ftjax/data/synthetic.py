@@ -43,7 +43,7 @@ CHAT_TEMPLATE = (
 )
 MAX_CHARS = 64
 GENERAL_TASKS = ("copy", "reverse", "sort", "add", "lookup")
-TARGET_TASKS = ("rot", "modop")
+TARGET_TASKS = ("rot", "modop", "rsort", "upper", "flip")
 ROT_SHIFT = 3
 # Operands of `add` and `modop`: two-digit sums stay learnable for a tiny model.
 MAX_OPERAND = 50
@@ -157,6 +157,26 @@ def _rot_task(rng):
     return f"rot:{w}=", _rot(w)
 
 
+def _rsort(rng):
+    # Descending sort: `sort`'s letters in the other order, a recombination of
+    # skills the base has (sort, reverse) under a prompt it has never seen.
+    w = _word(rng)
+    return f"rsort:{w}=", "".join(sorted(w, reverse=True))
+
+
+def _flip(rng):
+    # `reverse` under a keyword the base has never seen.
+    w = _word(rng)
+    return f"flip:{w}=", w[::-1]
+
+
+def _upper(rng):
+    # `copy` into capital letters: the base's copying alignment is reused, but
+    # its outputs are symbols pre-training never produced.
+    w = _word(rng)
+    return f"upper:{w}=", w.upper()
+
+
 def _modop(rng):
     # A new operator on the numbers `add` uses: a # b = (a + 2b) mod 10.
     a, b = rng.randrange(MAX_OPERAND), rng.randrange(MAX_OPERAND)
@@ -175,6 +195,12 @@ TASKS = {
         lambda rng, prompt, answer: _rot(prompt[4:-1], ROT_SHIFT + rng.choice([-1, 1])),
     ),
     "modop": (_modop, lambda rng, prompt, answer: _number_off(rng, answer, modulus=10)),
+    "flip": (_flip, lambda rng, prompt, answer: _one_char_off(rng, answer)),
+    "upper": (_upper, lambda rng, prompt, answer: _one_char_off(rng, answer.lower()).upper()),
+    "rsort": (
+        _rsort,
+        lambda rng, prompt, answer: "".join(sorted(_one_char_off(rng, answer), reverse=True)),
+    ),
 }
 
 
@@ -240,14 +266,20 @@ def write_suite(
     general_eval: int = 500,
     target_train: int = 2000,
     target_eval: int = 200,
+    target_val: int = 0,
     target_task: str = "rot",
     label_noise: float = 0.0,
+    general_tasks: str = ",".join(GENERAL_TASKS),
 ) -> dict[str, str]:
     """Writes the suite as prompt/completion JSON-lines files and returns their
-    paths: general_train, general_eval, target_train, target_eval, manifest.
+    paths: general_train, general_eval, target_train, target_eval, manifest,
+    and with `target_val` > 0 target_val: a validation split of the target
+    task, disjoint from both target_eval and target_train, for choosing
+    hyperparameters without looking at the test prompts.
 
     Label noise (a fraction `label_noise` of rows) applies to target_train only:
-    that is the data fine-tuning sees.
+    that is the data fine-tuning sees. `general_tasks` (comma-separated names
+    from GENERAL_TASKS) chooses what pre-training and the forgetting measure cover.
 
         >>> paths = write_suite("suite", seed=0, general_train=100, target_train=50)
         >>> sorted(paths)
@@ -259,31 +291,43 @@ def write_suite(
         raise DataError(f"target_task={target_task!r}; expected one of {TARGET_TASKS}")
     if not 0 <= label_noise < 1:
         raise DataError(f"label_noise={label_noise}; expected a rate in [0, 1)")
+    general = tuple(t.strip() for t in general_tasks.split(","))
+    if not general or not set(general) <= set(GENERAL_TASKS) or len(set(general)) != len(general):
+        raise DataError(
+            f"general_tasks={general_tasks!r}; expected distinct names from {GENERAL_TASKS}"
+        )
     os.makedirs(out_dir, exist_ok=True)
-    general_ev = make_examples(GENERAL_TASKS, general_eval, seed, "general-eval")
+    general_ev = make_examples(general, general_eval, seed, "general-eval")
     general_tr = make_examples(
-        GENERAL_TASKS, general_train, seed, "general-train", {r["prompt"] for r in general_ev}
+        general, general_train, seed, "general-train", {r["prompt"] for r in general_ev}
     )
     target_ev = make_examples((target_task,), target_eval, seed, "target-eval")
-    target_tr = make_examples(
-        (target_task,), target_train, seed, "target-train", {r["prompt"] for r in target_ev}
-    )
+    held_out = {r["prompt"] for r in target_ev}
+    target_va = []
+    if target_val:
+        target_va = make_examples((target_task,), target_val, seed, "target-val", held_out)
+        held_out |= {r["prompt"] for r in target_va}
+    target_tr = make_examples((target_task,), target_train, seed, "target-train", held_out)
     corrupted = add_label_noise(target_tr, label_noise, seed, "target-train") if label_noise else []
     paths = {}
     for name, rows in [("general_train", general_tr), ("general_eval", general_ev),
-                       ("target_train", target_tr), ("target_eval", target_ev)]:  # fmt: skip
+                       ("target_train", target_tr), ("target_eval", target_ev),
+                       ("target_val", target_va)]:  # fmt: skip
+        if name == "target_val" and not target_val:
+            continue
         paths[name] = os.path.join(out_dir, f"{name}.jsonl")
         _write_jsonl(paths[name], rows)
     paths["manifest"] = os.path.join(out_dir, "manifest.json")
     manifest = {
         "seed": seed,
-        "general_tasks": list(GENERAL_TASKS),
+        "general_tasks": list(general),
         "target_task": target_task,
         "sizes": {
             "general_train": general_train,
             "general_eval": general_eval,
             "target_train": target_train,
             "target_eval": target_eval,
+            "target_val": target_val,
         },  # fmt: skip
         "label_noise": label_noise,
         "corrupted": corrupted,
@@ -313,6 +357,10 @@ def suite_data_config(paths: dict[str, str], tokenizer_dir: str, *, general_weig
     for name, weight in (("target", target_weight), ("general", general_weight)):
         cfg.sources[name] = source_config(
             paths[f"{name}_train"], eval_path=paths[f"{name}_eval"], weight=weight
+        )
+    if "target_val" in paths:  # eval only: the split hyperparameters are chosen on
+        cfg.sources["target_val"] = source_config(
+            paths["target_val"], eval_path=paths["target_val"], weight=0.0
         )
     for key, value in overrides.items():
         cfg[key] = value

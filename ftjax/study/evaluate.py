@@ -44,6 +44,9 @@ def default_eval_config() -> ml_collections.ConfigDict:
             intruder_k=10,
             intruder_eps=0.5,
             memorization=False,  # data-quality study: recall of corrupted training labels
+            # Exact match along training, at every `train.eval_every` steps, on
+            # the first `curve_examples` prompts of each eval set (0: none).
+            curve_examples=0,
         )
     )
 
@@ -61,12 +64,13 @@ def validate_eval_config(ecfg) -> None:
 
     defaults = default_eval_config()
     check_fields("eval", ecfg, defaults, skip=EXTRA_EVAL_FIELDS)  # names and types
-    for key, value in ecfg.items():  # ranges: counts >= 1 (max_examples 0: all), eps > 0
+    # ranges: counts >= 1 (max_examples 0: all; curve_examples 0: none), eps > 0
+    for key, value in ecfg.items():
         default = defaults.get(key)
         if key in EXTRA_EVAL_FIELDS or isinstance(default, bool):
             continue
         if isinstance(default, int):
-            lo = 0 if key == "max_examples" else 1
+            lo = 0 if key in ("max_examples", "curve_examples") else 1
             if value < lo:
                 raise ConfigError(f"eval.{key}={value!r}; expected an integer >= {lo}")
         elif value <= 0:
@@ -81,6 +85,48 @@ def training_eval_sets(summary: Mapping, cfg) -> dict[str, dict] | None:
     if int(cfg.get("train", {}).get("eval_max_batches", 0) or 0):
         return None
     return unflatten_sets(summary, "eval") or None
+
+
+def curve_evaluator(cfg):
+    """The study's `curve` for `ftjax.train.train` (see there): exact match
+    on the first `eval.curve_examples` prompts of every eval set, recorded as
+    `curve/<set>/exact_match`; None when the config asks for no curve. One
+    compiled generation program per eval set (the prompts, so their width,
+    stay the same at every evaluation)."""
+    ecfg = cfg.get("eval", default_eval_config())
+    n = int(ecfg.get("curve_examples", 0) or 0)
+    if not n or not ecfg.exact_match or not int(cfg.train.eval_every or 0):
+        return None
+
+    def factory(model, pipe):
+        subsets = {}
+        for name in pipe.eval_names:
+            rows = pipe.eval_rows(name)
+            rows = rows.select(range(min(len(rows), n)))
+            subsets[name] = (list(rows["prompt"]), list(rows["answer"]))
+
+        def measure(step, params):
+            from ftjax import peft
+
+            merged = peft.merge(params)
+            return {
+                f"curve/{name}/exact_match": exact_match_on(
+                    model,
+                    merged,
+                    pipe.tokenizer,
+                    prompts,
+                    answers,
+                    max_new_tokens=ecfg.max_new_tokens,
+                    batch_size=ecfg.batch_size,
+                    add_bos=bool(cfg.data.add_bos),
+                    normalizer=ANSWER_NORMALIZER,
+                )  # fmt: skip
+                for name, (prompts, answers) in subsets.items()
+            }
+
+        return measure
+
+    return factory
 
 
 def _base_eval_cache_path(cfg, ecfg) -> str | None:

@@ -24,7 +24,8 @@ from collections.abc import Callable
 
 from ftjax.errors import ConfigError, FtjaxError
 from ftjax.rundir import RunDir, make_dirs
-from ftjax.study.sweep import expand, load_study
+from ftjax.study.selection import write_selection
+from ftjax.study.sweep import expand, expand_finals, load_study, study_selection
 
 # A run started by a sweep: the sweep's pid, and the CPUs the run may use.
 PARENT_ENV, CPUS_ENV = "FTJAX_SWEEP_PARENT", "FTJAX_SWEEP_CPUS"
@@ -158,56 +159,113 @@ def run_sweep(
     the sweep's runs `jobs` at a time, each pinned to its share of the cores
     (`run_one` gets the CPU ids); the first failure stops new runs from
     starting and is raised once the running ones end. With `progress_every`
-    > 0 each running run's progress is printed that often."""
+    > 0 each running run's progress is printed that often.
+
+    A study with `get_selection()` runs in two stages (`ftjax.study.selection`):
+    its grid, then, once every grid run has finished, the choice (written to
+    selection.json) and the final seeds at the chosen points. The choice is
+    recomputed from the grid runs' summaries on every call, so a sweep stopped
+    between the stages resumes to the same one. With `emit="commands"` the
+    final seeds are printed once the grid has finished (before, a comment
+    says to emit again)."""
     study = load_study(config_path)
     study_arg = config_path.split(":", 1)[1] if ":" in config_path else ""
     prereqs, runs = expand(study, sweep_dir, study_arg)
+    selection = study_selection(study, study_arg)
     if emit == "commands":
         # Prerequisites first: a scheduler runs the first line, then the array.
         for spec in prereqs + runs:
             print(command_for(config_path, sweep_dir, spec.name), file=out)
+        if selection is not None:
+            finals = _finals_if_chosen(study, sweep_dir, study_arg)
+            if finals is None:
+                print("# then, once these have finished, emit again for the final seeds at the "
+                      "selected values", file=out)  # fmt: skip
+            for spec in finals or []:
+                print(command_for(config_path, sweep_dir, spec.name), file=out)
         return []
     if emit:
         raise ConfigError(f"--emit={emit!r}; expected 'commands' or nothing")
     if jobs < 1:
         raise ConfigError(f"--jobs={jobs}; expected an int >= 1")
-    selected = prereqs + runs
     if only:
-        selected = [s for s in selected if s.name == only]
+        specs = prereqs + runs
+        if selection is not None and only not in {s.name for s in specs}:
+            specs += _finals_if_chosen(study, sweep_dir, study_arg) or []
+        selected = [s for s in specs if s.name == only]
         if not selected:
-            names = ", ".join(s.name for s in prereqs + runs)
+            names = ", ".join(s.name for s in specs)
             raise ConfigError(f"--only={only!r} names no run; runs: {names}")
+        prereqs = [s for s in prereqs if s.name == only]
+        runs = [s for s in selected if s not in prereqs]
     make_dirs(sweep_dir, "--workdir")
     t0 = time.time()
-    total = len(selected)
-    summaries: dict[int, dict] = {}
-    pending = []
-    prereq_names = {s.name for s in prereqs}
-    for i, spec in enumerate(selected, 1):
-        run = RunDir(os.path.join(sweep_dir, spec.name))
-        # A sweep run counts as done once its evaluation is merged, not when training ends.
-        if run.is_finished(evaluated=spec.name not in prereq_names):
-            print(f"[run {i}/{total}] {spec.name}: finished, skipped", file=out, flush=True)
-            summaries[i] = run.read_summary()
-        else:
-            pending.append((i, spec, run.path))
-    # Prerequisites always run alone: the sweep's runs read what they write.
-    serial = [p for p in pending if jobs == 1 or p[1].name in prereq_names]
-    parallel = [p for p in pending if p not in serial]
-    with _Monitor(out, progress_every) as monitor:
-        for i, spec, run_dir in serial:
-            head = f"[run {i}/{total}] {spec.name}"
-            print(f"{head}: running in {run_dir} (sweep {time.time() - t0:.0f}s)", file=out,
-                  flush=True)  # fmt: skip
-            monitor.add(spec.name, head, run_dir, int(spec.config.train.steps))
-            try:
-                summaries[i] = run_one(spec, run_dir)
-            finally:
-                monitor.remove(spec.name)
-        if parallel:
-            summaries.update(_run_parallel(parallel, run_one, jobs, total, t0, out, monitor))
-    print(f"sweep done: {total} runs in {time.time() - t0:.0f}s", file=out, flush=True)
-    return [summaries[i] for i in sorted(summaries)]
+    stage = _Stage(sweep_dir, run_one, out, jobs, t0, progress_every)
+    summaries = stage.run(prereqs, runs, "grid" if selection is not None and not only else "")
+    if selection is not None and not only:
+        chosen, finals = expand_finals(study, sweep_dir, study_arg)
+        path = write_selection(sweep_dir, chosen)
+        print(f"selection: each row's choice on the validation split in {path}", file=out,
+              flush=True)  # fmt: skip
+        summaries += stage.run([], finals, "final")
+    print(f"sweep done: {stage.count} runs in {time.time() - t0:.0f}s", file=out, flush=True)
+    return summaries
+
+
+def _finals_if_chosen(study, sweep_dir, study_arg):
+    """The final-stage runs once the grid has finished, else None."""
+    try:
+        return expand_finals(study, sweep_dir, study_arg)[1]
+    except ConfigError as e:
+        if str(e).startswith("selection:"):
+            return None
+        raise
+
+
+class _Stage:
+    """Runs one stage's runs (prerequisites alone and first, then the rest
+    `jobs` at a time), skipping finished ones."""
+
+    def __init__(self, sweep_dir, run_one, out, jobs, t0, progress_every):
+        self.sweep_dir, self.run_one, self.out, self.jobs = sweep_dir, run_one, out, jobs
+        self.t0, self.progress_every, self.count = t0, progress_every, 0
+
+    def run(self, prereqs, runs, name: str = "") -> list[dict]:
+        out, jobs, t0 = self.out, self.jobs, self.t0
+        selected = prereqs + runs
+        total = len(selected)
+        self.count += total
+        if name:
+            print(f"stage {name}: {total} run(s)", file=out, flush=True)
+        summaries: dict[int, dict] = {}
+        pending = []
+        prereq_names = {s.name for s in prereqs}
+        for i, spec in enumerate(selected, 1):
+            run = RunDir(os.path.join(self.sweep_dir, spec.name))
+            # A sweep run counts as done once its evaluation is merged, not when training ends.
+            if run.is_finished(evaluated=spec.name not in prereq_names):
+                print(f"[run {i}/{total}] {spec.name}: finished, skipped", file=out, flush=True)
+                summaries[i] = run.read_summary()
+            else:
+                pending.append((i, spec, run.path))
+        # Prerequisites always run alone: the sweep's runs read what they write.
+        serial = [p for p in pending if jobs == 1 or p[1].name in prereq_names]
+        parallel = [p for p in pending if p not in serial]
+        with _Monitor(out, self.progress_every) as monitor:
+            for i, spec, run_dir in serial:
+                head = f"[run {i}/{total}] {spec.name}"
+                print(f"{head}: running in {run_dir} (sweep {time.time() - t0:.0f}s)", file=out,
+                      flush=True)  # fmt: skip
+                monitor.add(spec.name, head, run_dir, int(spec.config.train.steps))
+                try:
+                    summaries[i] = self.run_one(spec, run_dir)
+                finally:
+                    monitor.remove(spec.name)
+            if parallel:
+                summaries.update(
+                    _run_parallel(parallel, self.run_one, jobs, total, t0, out, monitor)
+                )
+        return [summaries[i] for i in sorted(summaries)]
 
 
 def _run_parallel(pending, run_one, jobs, total, t0, out, monitor) -> dict[int, dict]:
@@ -253,7 +311,7 @@ def _run_parallel(pending, run_one, jobs, total, t0, out, monitor) -> dict[int, 
 def run_in_process(spec, run_dir: str, quiet: bool = False) -> dict:
     """Trains (or resumes) one run, then evaluates it; returns its summary.
     A run stopped by SIGTERM raises `Preempted` (its checkpoint is saved)."""
-    from ftjax.study.evaluate import evaluate_run, training_eval_sets
+    from ftjax.study.evaluate import curve_evaluator, evaluate_run, training_eval_sets
     from ftjax.train import train
 
     prerequisite = spec.config.get("study", {}).get("stage") == "pretrain"
@@ -261,7 +319,7 @@ def run_in_process(spec, run_dir: str, quiet: bool = False) -> dict:
         # The base model: the report leaves it out. Marked before training (the
         # loop merges its summary into this), so no crash leaves it unmarked.
         RunDir(run_dir).update_summary(role="prerequisite")
-    result = train(spec.config, run_dir, quiet=quiet)
+    result = train(spec.config, run_dir, quiet=quiet, curve=curve_evaluator(spec.config))
     if result.summary.get("status") != "completed":
         raise Preempted(f"run {spec.name}: stopped at a checkpoint; rerun the sweep to resume")
     if not prerequisite:
@@ -392,6 +450,9 @@ def _run_entry(argv: list[str]) -> None:
         study_arg = args.config.split(":", 1)[1] if ":" in args.config else ""
         prereqs, runs = expand(study, args.workdir, study_arg)
         specs = {s.name: s for s in prereqs + runs}
+        if args.only not in specs and study_selection(study, study_arg) is not None:
+            finals = _finals_if_chosen(study, args.workdir, study_arg) or []
+            specs.update({s.name: s for s in finals})
         if args.only not in specs:
             raise ConfigError(f"--only={args.only!r} names no run; runs: {', '.join(specs)}")
         try:

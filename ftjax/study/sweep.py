@@ -169,30 +169,72 @@ def expand(study, sweep_dir: str, study_arg: str = "") -> tuple[list[RunSpec], l
     run starts; the error names the entry."""
 
     def build(overrides: dict, origin: str) -> ml_collections.ConfigDict:
-        cfg = study.get_config(_join_args(study_arg, overrides.get("arg")) or None)
-        for k, v in overrides.items():
-            if k not in ("arg", "name"):
-                set_path(cfg, k, v, origin)
-        substitute(cfg, os.path.abspath(sweep_dir))
-        validate_study_config(cfg, origin)
-        return cfg
+        return _build_config(study, study_arg, sweep_dir, overrides, origin)
 
     prereqs = []
     for name, arg in _call_with_arg(getattr(study, "get_prerequisites", lambda: []), study_arg):
         origin = f"prerequisite {name!r}"
         check_run_name(name, origin)
         prereqs.append(RunSpec(name, build({"arg": arg}, origin), {"arg": arg}))
-    sweep = _call_with_arg(getattr(study, "get_sweep", lambda: [{}]), study_arg)
-    runs = []
-    for i, overrides in enumerate(sweep):
-        origin = f"sweep entry {i}"
-        if not isinstance(overrides, dict):
-            raise ConfigError(f"{origin}: got {overrides!r}; expected a dict of overrides")
-        name = overrides["name"] if "name" in overrides else run_name(overrides)
-        check_run_name(name, origin + (" (its 'name')" if "name" in overrides else ""))
-        runs.append(RunSpec(name, build(overrides, origin), overrides))
+    selection = study_selection(study, study_arg)
+    if selection is not None:
+        # The grid stage; the final seeds follow once it is chosen (`expand_finals`).
+        from ftjax.study.selection import grid_entries
+
+        sweep = (
+            list(_call_with_arg(study.get_sweep, study_arg)) if hasattr(study, "get_sweep") else []
+        )
+        sweep += grid_entries(selection)
+    else:
+        sweep = _call_with_arg(getattr(study, "get_sweep", lambda: [{}]), study_arg)
+    runs = _build_entries(sweep, build)
     names = [r.name for r in prereqs + runs]
     dup = {n for n in names if names.count(n) > 1}
     if dup:
         raise ConfigError(f"sweep: duplicate run names {sorted(dup)}; give entries a 'name'")
     return prereqs, runs
+
+
+def study_selection(study, study_arg: str = "") -> dict | None:
+    """The study's checked `get_selection()` declaration, or None."""
+    if not hasattr(study, "get_selection"):
+        return None
+    from ftjax.study.selection import check_selection
+
+    return check_selection(_call_with_arg(study.get_selection, study_arg))
+
+
+def expand_finals(study, sweep_dir: str, study_arg: str = "") -> tuple[dict, list[RunSpec]]:
+    """(the selection, the final-stage runs) of a study with `get_selection`,
+    chosen from its finished grid runs (ConfigError while one is unfinished)."""
+    from ftjax.study.selection import final_entries, select
+
+    selection = study_selection(study, study_arg)
+    chosen = select(selection, sweep_dir)
+
+    def build(overrides: dict, origin: str) -> ml_collections.ConfigDict:
+        return _build_config(study, study_arg, sweep_dir, overrides, origin)
+
+    return chosen, _build_entries(final_entries(selection, chosen), build, "final entry")
+
+
+def _build_config(study, study_arg, sweep_dir, overrides: dict, origin: str):
+    cfg = study.get_config(_join_args(study_arg, overrides.get("arg")) or None)
+    for k, v in overrides.items():
+        if k not in ("arg", "name"):
+            set_path(cfg, k, v, origin)
+    substitute(cfg, os.path.abspath(sweep_dir))
+    validate_study_config(cfg, origin)
+    return cfg
+
+
+def _build_entries(sweep, build, what: str = "sweep entry") -> list[RunSpec]:
+    runs = []
+    for i, overrides in enumerate(sweep):
+        origin = f"{what} {i}"
+        if not isinstance(overrides, dict):
+            raise ConfigError(f"{origin}: got {overrides!r}; expected a dict of overrides")
+        name = overrides["name"] if "name" in overrides else run_name(overrides)
+        check_run_name(name, origin + (" (its 'name')" if "name" in overrides else ""))
+        runs.append(RunSpec(name, build(overrides, origin), overrides))
+    return runs

@@ -191,11 +191,18 @@ class _Setup:
     ckpt: Checkpointer
     flops_per_token: float
     train_state_bytes: int
+    curve: Any = None  # (step, params) -> extra metrics at each evaluation
 
 
-def train(cfg, workdir: str, quiet: bool = False) -> RunResult:
+def train(cfg, workdir: str, quiet: bool = False, curve=None) -> RunResult:
     """Trains (or resumes) the run described by `cfg` in `workdir`, holding the
-    workdir's lock throughout (a second trainer there is refused)."""
+    workdir's lock throughout (a second trainer there is refused).
+
+    `curve(model, pipeline)`, if given, returns a function `(step, params) ->
+    dict` of extra metrics (e.g. a study's exact match along training), called
+    with the combined parameters wherever the loop evaluates (every
+    `train.eval_every` steps, at the end, and at step 0 of a fresh run); its
+    values go into metrics.jsonl with the evaluation's."""
     validate_run_config(cfg)
     maybe_initialize_distributed(cfg.parallel)
     check_devices(cfg, jax.device_count())
@@ -204,6 +211,8 @@ def train(cfg, workdir: str, quiet: bool = False) -> RunResult:
     with workdir_lib.locked(workdir) if main else contextlib.nullcontext():
         t_start = time.time()
         setup = _build(cfg, workdir)
+        if curve is not None:
+            setup.curve = curve(setup.model, setup.pipeline)
         try:
             return _run(cfg, workdir, quiet, setup, t_start)
         finally:
@@ -266,7 +275,8 @@ def _open_outputs(cfg, workdir: str, start: int, quiet: bool) -> metrics_lib.Met
     if jax.process_index() == 0:
         run = RunDir(workdir)
         run.write_config(cfg)
-        dropped = run.truncate_metrics_after(start)
+        # A fresh start (no checkpoint) drops everything, its step-0 line included.
+        dropped = run.truncate_metrics_after(start if start else -1)
         if dropped:
             metrics_lib.log(f"metrics.jsonl: dropped {dropped} line(s) logged after step {start}")
     return metrics_lib.MetricsWriter(workdir, cfg.train.steps, cfg.train.tensorboard, quiet)
@@ -288,6 +298,7 @@ def _run(cfg, workdir: str, quiet: bool, setup: _Setup, t_start: float) -> RunRe
             summary = {"status": status, "signal": stop.name, "step": step}
             return RunResult(summary, setup.model, None, None, setup.pipeline)
         final_eval = evaluate(setup.par, state, setup.pipeline, cfg.train.eval_max_batches)
+        final_eval.update(_curve_point(setup, state, step))
         writer.write(step, final_eval)
         setup.ckpt.save(setup.par.host_state(state), final_eval)
         setup.ckpt.close()
@@ -303,6 +314,10 @@ def _loop(cfg, setup: _Setup, state, start: int, skipped: int, writer, stop: _St
     timing = metrics_lib.Throughput(setup.flops_per_token, tc.peak_flops)
     watch = _SkipWatch(int(tc.get("max_consecutive_skips", 0)), skipped)
     last_eval, step = {}, start
+    if start == 0 and setup.curve is not None and tc.eval_every:
+        # Where every curve starts: the model before fine-tuning.
+        writer.write(0, {**evaluate(par, state, pipeline, tc.eval_max_batches),
+                         **_curve_point(setup, state, 0)})  # fmt: skip
     while step < tc.steps:
         batch = pipeline.batch_at(step)
         tokens = int(np.sum(batch["attention_mask"])) * jax.process_count()
@@ -317,7 +332,7 @@ def _loop(cfg, setup: _Setup, state, start: int, skipped: int, writer, stop: _St
             record = _log_record(m, setup, step, timing)
         if tc.eval_every and step % tc.eval_every == 0 and step < tc.steps:
             last_eval = evaluate(par, state, pipeline, tc.eval_max_batches)
-            record = {**(record or {}), **last_eval}
+            record = {**(record or {}), **last_eval, **_curve_point(setup, state, step)}
         if record is not None:
             writer.write(step, record)
         if tc.checkpoint_every and step % tc.checkpoint_every == 0:
@@ -330,6 +345,13 @@ def _loop(cfg, setup: _Setup, state, start: int, skipped: int, writer, stop: _St
         if stop.received is not None:
             return state, step, True, timing
     return state, step, False, timing
+
+
+def _curve_point(setup: _Setup, state, step: int) -> dict:
+    if setup.curve is None:
+        return {}
+    host = setup.par.host_state(state)
+    return setup.curve(step, peft.combine(host.trainable, host.frozen))
 
 
 def _log_record(m, setup: _Setup, step: int, timing: metrics_lib.Throughput) -> dict:
