@@ -281,3 +281,17 @@ def test_learning_forgetting_curves_plot_the_seed_means(selected_sweep):
     # Every row its own colour and marker.
     styles = [(line.get_color(), line.get_marker()) for line in ax_tg.lines]
     assert len(set(styles)) == len(styles)
+
+
+def test_choice_at_the_edge_of_its_grid_is_flagged():
+    from ftjax.study.report import _at_grid_edge
+
+    def row(scores, chosen):
+        grid = [{"point": {"optim.lr": lr}, "maximize": v} for lr, v in zip([1, 2, 3], scores)]
+        return {"grid": grid, "chosen": chosen}
+
+    assert _at_grid_edge(row([0.2, 0.5, 0.9], 2))  # still rising at the top
+    assert _at_grid_edge(row([0.9, 0.5, 0.2], 0))
+    assert not _at_grid_edge(row([0.2, 0.9, 0.5], 1))  # bracketed
+    assert not _at_grid_edge(row([0.9, 0.9, 0.2], 0))  # flat towards the edge: a tie
+    assert not _at_grid_edge({"grid": row([0.2, 0.9, 0.5], 1)["grid"][:2], "chosen": 1})

@@ -47,10 +47,11 @@ FULL = dict(
                target_val=100),  # fmt: skip
     model=dict(hidden_size=256, intermediate_size=512, num_layers=2, num_heads=4, num_kv_heads=2),
     pretrain_steps=1200,
-    finetune_steps=100,
+    pretrain_batch_size=32,
+    finetune_steps=64,
     batch_size=32,
     eval_examples=200,
-    eval_every=20,
+    eval_every=16,
     curve_examples=32,
 )
 QUICK = dict(
@@ -58,6 +59,7 @@ QUICK = dict(
                target_val=16),  # fmt: skip
     model=dict(hidden_size=32, intermediate_size=64, num_layers=2, num_heads=4, num_kv_heads=2),
     pretrain_steps=12,
+    pretrain_batch_size=8,
     finetune_steps=6,
     batch_size=8,
     eval_examples=8,
@@ -68,17 +70,17 @@ QUICK = dict(
 # Every row: its method arg and its own learning-rate grid (each grid spans
 # the rates where the method goes from learning too slowly to diverging).
 ROWS = {
-    "full": ("method=full", [1e-4, 3e-4, 1e-3]),
-    "full + 10% replay": ("method=full,replay=0.1", [1e-4, 3e-4, 1e-3]),
-    "lora r=1": ("method=lora,rank=1", [1e-3, 3e-3, 1e-2]),
+    "full": ("method=full", [3e-4, 1e-3, 3e-3]),
+    "full + 10% replay": ("method=full,replay=0.1", [3e-4, 1e-3, 3e-3]),
+    "lora r=1": ("method=lora,rank=1", [3e-3, 1e-2, 3e-2]),
     "lora r=4": ("method=lora,rank=4", [1e-3, 3e-3, 1e-2]),
-    "lora r=16": ("method=lora,rank=16", [3e-4, 1e-3, 3e-3]),
-    "lora r=64": ("method=lora,rank=64", [1e-4, 3e-4, 1e-3]),
-    "rslora r=64": ("method=lora,rank=64,rslora=1", [1e-4, 3e-4, 1e-3]),
-    "dora r=16": ("method=dora,rank=16", [3e-4, 1e-3, 3e-3]),
-    "qlora r=16": ("method=qlora,rank=16", [3e-4, 1e-3, 3e-3]),
-    "bitfit": ("method=bitfit", [3e-3, 1e-2, 3e-2]),
-    "freeze all but last layer": ("method=freeze,last_layers=1", [1e-4, 3e-4, 1e-3]),
+    "lora r=16": ("method=lora,rank=16", [3e-3, 1e-2, 3e-2]),
+    "lora r=64": ("method=lora,rank=64", [1e-3, 3e-3, 1e-2]),
+    "rslora r=64": ("method=lora,rank=64,rslora=1", [1e-3, 3e-3, 1e-2]),
+    "dora r=16": ("method=dora,rank=16", [1e-3, 3e-3, 1e-2]),
+    "qlora r=16": ("method=qlora,rank=16", [3e-3, 1e-2, 3e-2]),
+    "bitfit": ("method=bitfit", [3e-2, 1e-1, 3e-1]),
+    "freeze all but last layer": ("method=freeze,last_layers=1", [1e-3, 3e-3, 1e-2]),
 }
 QUICK_ROWS = {
     "full": ("method=full", [1e-3, 3e-3]),
@@ -143,7 +145,7 @@ def get_config(arg=None):
         cfg.eval.curve_examples = size["curve_examples"]
         with_method(cfg, method, method_options)
         seed_everything(cfg, seed)
-    cfg.data.batch_size = size["batch_size"]
+    cfg.data.batch_size = size["pretrain_batch_size" if stage == "pretrain" else "batch_size"]
     cfg.data.max_eval_examples = size["suite"]["target_eval"]
     cfg.eval.max_examples = size["eval_examples"]
     return cfg

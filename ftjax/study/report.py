@@ -530,7 +530,7 @@ def _selection_section(selection, runs, target, general, metric) -> list[str]:
         "| method | grid point | validation score | tie-break | test target | general after |",
         "|---|---|---|---|---|---|",
     ]  # fmt: skip
-    collapsed_rows = []
+    collapsed_rows, edge_rows = [], []
     for label, row in selection["rows"].items():
         flags = []
         for j, g in enumerate(row["grid"]):
@@ -550,6 +550,8 @@ def _selection_section(selection, runs, target, general, metric) -> list[str]:
             lines.append("| " + " | ".join(cells) + " |")
         if flags[row["chosen"]]:
             collapsed_rows.append((label, all(flags)))
+        if _at_grid_edge(row):
+            edge_rows.append(label)
     lines.append("")
     for label, every in collapsed_rows:
         lines.append(
@@ -557,7 +559,24 @@ def _selection_section(selection, runs, target, general, metric) -> list[str]:
             + ("tasks; so did every point of its grid." if every
                else "tasks, though another grid point did not (the validation rule chose it).")
         )  # fmt: skip
+    if edge_rows:
+        lines.append(
+            f"- At the edge of its grid (the best value may lie beyond it): {', '.join(edge_rows)}."
+        )
     return lines
+
+
+def _at_grid_edge(row: dict) -> bool:
+    """The chosen point is the first or last value of a one-parameter grid of
+    at least three points whose score still rose towards that end."""
+    grid = row["grid"]
+    if len(grid) < 3 or len(grid[0]["point"]) != 1:
+        return False
+    j = row["chosen"]
+    if j not in (0, len(grid) - 1):
+        return False
+    inner = grid[1] if j == 0 else grid[-2]
+    return (grid[j].get("maximize") or 0.0) > (inner.get("maximize") or 0.0)
 
 
 def _collapsed(summary, target, general, metric) -> bool:
