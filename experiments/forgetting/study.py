@@ -43,8 +43,9 @@ from ftjax.experiment import (
 TARGET_TASK = "flip"
 GENERAL_TASKS = "copy,reverse,sort,add"
 FULL = dict(
-    suite=dict(general_train=20000, general_eval=200, target_train=4000, target_eval=200,
-               target_val=100),  # fmt: skip
+    suite=dict(
+        general_train=20000, general_eval=200, target_train=4000, target_eval=200, target_val=100
+    ),  # fmt: skip
     model=dict(hidden_size=256, intermediate_size=512, num_layers=2, num_heads=4, num_kv_heads=2),
     pretrain_steps=1200,
     pretrain_batch_size=32,
@@ -55,8 +56,9 @@ FULL = dict(
     curve_examples=32,
 )
 QUICK = dict(
-    suite=dict(general_train=600, general_eval=24, target_train=200, target_eval=24,
-               target_val=16),  # fmt: skip
+    suite=dict(
+        general_train=600, general_eval=24, target_train=200, target_eval=24, target_val=16
+    ),  # fmt: skip
     model=dict(hidden_size=32, intermediate_size=64, num_layers=2, num_heads=4, num_kv_heads=2),
     pretrain_steps=12,
     pretrain_batch_size=8,

@@ -367,8 +367,7 @@ def findings(rows, metric, target: str = "target", general: str = "general") -> 
     out.append(
         f"Highest mean target {metric}: **{best_learn['label']}** "
         f"({best_learn['target'].mean * 100:.1f}%), forgetting "
-        f"{best_learn['forgetting'].mean * 100:.1f} points"
-        + _lead(by_learning, tkey) + "."
+        f"{best_learn['forgetting'].mean * 100:.1f} points" + _lead(by_learning, tkey) + "."
     )
     out.append(
         f"Least mean forgetting: **{least_forget['label']}** "
