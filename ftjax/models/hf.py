@@ -185,7 +185,7 @@ def params_from_tensors(cfg: ModelConfig, tensors: dict, source: str) -> dict:
 
 def tensors_from_params(cfg: ModelConfig, params: dict) -> dict[str, np.ndarray]:
     """HF-named numpy tensors; adapter/quantized leaves are materialized."""
-    params = unstack_layers(cfg, params)
+    params = layers.materialize_params(unstack_layers(cfg, params))
     out = {}
     flat_cfg = cfg.replace(scan_layers=False)
     leaves = jax.tree_util.tree_flatten_with_path(params, is_leaf=layers.is_weight_leaf)[0]

@@ -8,6 +8,11 @@ models knowing about them. The protocol a leaf implements is two methods:
     leaf.apply_linear(x, *, dtype, rng) -> x @ W_effective   (rng: dropout or None)
     leaf.materialize(dtype=None)        -> W_effective as a plain array
 
+and, optionally, `leaf.effective_bias(bias) -> b_effective` for a leaf that
+also changes its layer's bias (IA3 scales a key or value projection's whole
+output, bias included): `linear` adds that instead of `bias`, and
+`materialize_params` writes it in place of the sibling `bias`.
+
 Leaves must be pytrees whose children all carry the same leading axes as the
 kernel they replace, so that `nn.scan` over stacked layers slices them.
 """
@@ -53,11 +58,32 @@ def linear(x: Array, kernel, bias=None, *, dtype=None, rng=None) -> Array:
     x = x.astype(dtype)
     if is_weight_leaf(kernel):
         y = kernel.apply_linear(x, dtype=dtype, rng=rng)
+        if bias is not None and hasattr(kernel, "effective_bias"):
+            bias = kernel.effective_bias(bias)
     else:
         y = jnp.matmul(x, jnp.asarray(kernel, dtype))
     if bias is not None:
         y = y + jnp.asarray(bias, dtype)
     return y
+
+
+def materialize_params(params):
+    """Plain params: every weight leaf replaced by its dense kernel and, for a
+    leaf with `effective_bias`, the sibling `bias` by the one it implies."""
+    merged = jax.tree.map(
+        lambda x: materialize(x) if is_weight_leaf(x) else x, params, is_leaf=is_weight_leaf
+    )
+    return _fold_biases(params, merged)
+
+
+def _fold_biases(params, merged):
+    if not isinstance(params, dict):
+        return merged
+    out = {k: _fold_biases(v, merged[k]) for k, v in params.items()}
+    kernel, bias = params.get("kernel"), params.get("bias")
+    if bias is not None and is_weight_leaf(kernel) and hasattr(kernel, "effective_bias"):
+        out["bias"] = kernel.effective_bias(bias)
+    return out
 
 
 def einsum(spec: str, x: Array, kernel, *, dtype=None) -> Array:

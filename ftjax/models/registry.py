@@ -35,6 +35,10 @@ if TYPE_CHECKING:
 
 # The target presets every family defines (`method.targets`); see ftjax.peft.targets.
 TARGET_PRESETS = ("qv", "attention", "mlp", "all-linear")
+# Presets a family may define: IA3's default modules (keys, values and the MLP's
+# down projection, as HF PEFT's per-architecture defaults) and those of them
+# whose input, not output, IA3 scales (its "feedforward" modules).
+OPTIONAL_TARGET_PRESETS = ("ia3", "ia3-feedforward")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -73,7 +77,8 @@ class FamilySpec:
       under `params[container][layer]`.
     - `targets`: the module names each preset of `TARGET_PRESETS` adapts, as
       `ftjax.peft.targets` matches them (path components before `/kernel`,
-      e.g. `"q_proj"` or `"attn/c_attn"`).
+      e.g. `"q_proj"` or `"attn/c_attn"`); optionally also those of
+      `OPTIONAL_TARGET_PRESETS` (the defaults of the `ia3` method).
     - `column_parallel`, `row_parallel`: module names whose kernels are split
       over the `model` mesh axis along their output (column) or input (row)
       features in tensor-parallel mode (Megatron's attention-heads / MLP split).

@@ -10,6 +10,7 @@ from ftjax.peft.base import (
     is_leaf,
 )
 from ftjax.peft.dora import DoraWeight, column_norm, from_lora, init_dora
+from ftjax.peft.ia3 import IA3Weight, init_ia3
 from ftjax.peft.lora import LoraWeight, init_lora, lora_scale, pissa_factors
 from ftjax.peft.methods import DEFAULTS, Method, build_method, known_methods
 from ftjax.peft.peft_format import (
@@ -39,6 +40,7 @@ __all__ = [
     "PRESET_NAMES",
     "AdapterFormatError",
     "DoraWeight",
+    "IA3Weight",
     "LoraWeight",
     "Method",
     "NF4Weight",
@@ -57,6 +59,7 @@ __all__ = [
     "has_adapters",
     "build_method",
     "init_dora",
+    "init_ia3",
     "init_lora",
     "is_leaf",
     "known_methods",

@@ -13,7 +13,9 @@ rate, compute mode, shapes) live in the pytree aux data. A subclass declares
 
 and nothing else about it needs to be known by `split`, `combine`, `merge` or
 `count`. A child may be `None`: that is how `split` represents "this part lives
-in the other tree" (see `ftjax.peft.tree`).
+in the other tree" (see `ftjax.peft.tree`). An instance may freeze some of
+its trainable children through a static field (a LoRA-FA leaf freezes `a`) by
+overriding `trainable_names()`.
 """
 
 from __future__ import annotations
@@ -112,25 +114,32 @@ class WeightLeaf:
 
     # -- bookkeeping ----------------------------------------------------------------
 
+    def trainable_names(self) -> tuple[str, ...]:
+        """The children that train in this leaf: `trainable_children`, unless a
+        static field of the instance freezes some (LoRA-FA's `a`)."""
+        return self.trainable_children
+
     def split_parts(self) -> tuple[WeightLeaf | None, WeightLeaf | None]:
         """(trainable part, frozen part): two copies with the other side's children
         set to None; a side with no arrays at all is None itself."""
-        train = {n: None for n in self.children if n not in self.trainable_children}
-        frozen = {n: None for n in self.trainable_children}
-        t = self.replace(**train) if self.trainable_children else None
-        f = self.replace(**frozen) if len(self.trainable_children) < len(self.children) else None
+        names = self.trainable_names()
+        train = {n: None for n in self.children if n not in names}
+        frozen = {n: None for n in names}
+        t = self.replace(**train) if names else None
+        f = self.replace(**frozen) if len(names) < len(self.children) else None
         return t, f
 
     def param_counts(self) -> tuple[int, int]:
         """(trainable, total) number of parameters; None children count zero."""
         trainable = total = 0
+        names = self.trainable_names()
         for name in self.children:
             child = getattr(self, name)
             if child is None:
                 continue
             n = child.param_counts()[1] if isinstance(child, WeightLeaf) else array_size(child)
             total += n
-            if name in self.trainable_children:
+            if name in names:
                 trainable += n
         return trainable, total
 

@@ -66,12 +66,14 @@ class DoraWeight(LoraWeight):
     trainable_children = ("a", "b", "m")
     static = LoraWeight.static
 
-    def __init__(self, w, a, b, m, scale=1.0, dropout=0.0, compute="auto", init=None):
+    def __init__(
+        self, w, a, b, m, scale=1.0, dropout=0.0, compute="auto", init=None, freeze_a=False
+    ):
         if compute == "auto":  # DoRA's gain needs the column norm: factored it is
             compute = "factored"
         if compute == "hybrid":
             raise PeftError("method.compute: 'hybrid' is LoRA's; DoRA takes factored or merged")
-        super().__init__(w, a, b, scale, dropout, compute, init)
+        super().__init__(w, a, b, scale, dropout, compute, init, freeze_a)
         self._set(m=m)
 
     def _gain(self, w_dense):
@@ -104,7 +106,9 @@ def from_lora(leaf: LoraWeight) -> DoraWeight:
     `m = ||w + s a@b||_col` (the base's column norms when `b = 0`)."""
     w = layers.materialize(leaf.w, jnp.float32)
     m = column_norm(w, leaf.a, leaf.b, leaf.scale).astype(leaf.a.dtype)
-    return DoraWeight(leaf.w, leaf.a, leaf.b, m, leaf.scale, leaf.dropout, leaf.compute, leaf.init)
+    return DoraWeight(
+        leaf.w, leaf.a, leaf.b, m, leaf.scale, leaf.dropout, leaf.compute, leaf.init, leaf.freeze_a
+    )
 
 
 def init_dora(key, w, rank: int, *, scale: float, **kwargs) -> DoraWeight:

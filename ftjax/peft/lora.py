@@ -82,12 +82,21 @@ class LoraWeight(WeightLeaf):
 
     children = ("w", "a", "b")
     trainable_children = ("a", "b")
-    static = ("scale", "dropout", "compute", "init")
-    # The default for subclasses whose `static` predates the field.
+    static = ("scale", "dropout", "compute", "init", "freeze_a")
+    # The defaults for subclasses whose `static` predates the fields.
     init = None
+    freeze_a = False
 
     def __init__(
-        self, w, a, b, scale: float = 1.0, dropout: float = 0.0, compute="auto", init=None
+        self,
+        w,
+        a,
+        b,
+        scale: float = 1.0,
+        dropout: float = 0.0,
+        compute="auto",
+        init=None,
+        freeze_a: bool = False,
     ):
         check_compute(compute, dropout)
         if init is not None and init not in BASE_REWRITING_INITS:
@@ -95,8 +104,16 @@ class LoraWeight(WeightLeaf):
                 f"LoraWeight.init: {init!r} is not None or one of {', '.join(BASE_REWRITING_INITS)}"
             )
         self._set(
-            w=w, a=a, b=b, scale=float(scale), dropout=float(dropout), compute=compute, init=init
-        )
+            w=w, a=a, b=b, scale=float(scale), dropout=float(dropout), compute=compute, init=init,
+            freeze_a=bool(freeze_a),
+        )  # fmt: skip
+
+    def trainable_names(self) -> tuple[str, ...]:
+        """LoRA-FA (`freeze_a`): `a` stays at its random init, only `b` (and
+        DoRA's `m`) train."""
+        if self.freeze_a:
+            return tuple(n for n in self.trainable_children if n != "a")
+        return self.trainable_children
 
     @property
     def rewrites_base(self) -> bool:
@@ -237,11 +254,13 @@ def init_lora(
     compute: str = "auto",
     dtype=None,
     path: str = "kernel",
+    freeze_a: bool = False,
 ) -> LoraWeight:
     """A fresh `LoraWeight` around kernel `w` (shape `(..., in, out)`).
 
     `dtype` is the adapter dtype (default: the kernel's). Leading axes of `w`
-    (stacked layers) give each layer its own independent adapter.
+    (stacked layers) give each layer its own independent adapter. With
+    `freeze_a` (LoRA-FA) `a` keeps its init and only `b` trains.
 
     >>> leaf = init_lora(jax.random.key(0), jnp.ones((16, 8)), 4, scale=2.0)
     >>> leaf.a.shape, leaf.b.shape, float(jnp.abs(leaf.b).max())
@@ -266,7 +285,9 @@ def init_lora(
     else:
         raise PeftError(f"method.init: {init!r} is not one of {', '.join(INITS)}")
     marker = init if init in BASE_REWRITING_INITS else None
-    return LoraWeight(w, a, b, scale=scale, dropout=dropout, compute=compute, init=marker)
+    return LoraWeight(
+        w, a, b, scale=scale, dropout=dropout, compute=compute, init=marker, freeze_a=freeze_a
+    )
 
 
 def pissa_factors(w, rank: int, scale: float):

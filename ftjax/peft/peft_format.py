@@ -54,6 +54,7 @@ from ftjax.models.hf import hf_name, stack_layers, unstack_layers
 from ftjax.models.registry import get_family
 from ftjax.peft.base import AdapterFormatError, PeftError, flatten_paths, is_leaf, path_str
 from ftjax.peft.dora import DoraWeight
+from ftjax.peft.ia3 import IA3Weight
 from ftjax.peft.lora import MERGED_MODES, LoraWeight, lora_scale, pissa_to_lora_leaf
 from ftjax.peft.methods import replace_leaves
 from ftjax.peft.targets import kernel_paths
@@ -229,6 +230,11 @@ def _validate(config: dict, modules: dict, source: str):
 def write_adapter(out_dir: str, config: dict, tensors: dict[str, np.ndarray]) -> None:
     """Writes the two files after checking that PEFT will read them as meant."""
     _validate(config, _group(tensors, out_dir), out_dir)
+    write_files(out_dir, config, tensors)
+
+
+def write_files(out_dir: str, config: dict, tensors: dict[str, np.ndarray]) -> None:
+    """The two files as given (`write_adapter` checks LoRA's first)."""
     os.makedirs(out_dir, exist_ok=True)
     safetensors_io.save(tensors, os.path.join(out_dir, WEIGHTS_NAME), {"format": "pt"})
     with open(os.path.join(out_dir, CONFIG_NAME), "w") as f:
@@ -254,12 +260,17 @@ def save_adapter(cfg: ModelConfig, params, out_dir: str, *, method=None, **optio
     `method` (a method config or `Method`) supplies `lora_alpha` and
     `use_rslora` as configured; `options` go to `adapter_state` (lora_alpha,
     use_rslora, target_modules, base_model_name_or_path). Returns the config.
-    PiSSA leaves are refused (see `export_adapter`).
+    PiSSA leaves are refused (see `export_adapter`). IA3 leaves are written in
+    PEFT's IA3 layout (`ftjax.peft.ia3_format`).
 
     Example::
 
         save_adapter(model.cfg, state_params, "run/adapter", method=config.method)
     """
+    if any(isinstance(x, IA3Weight) for _, x in flatten_paths(params)):
+        from ftjax.peft import ia3_format
+
+        return ia3_format.save_adapter(cfg, params, out_dir, **options)
     if method is not None:
         opts = _method_options(method)
         if opts.get("init") == "pissa" and any(
@@ -380,18 +391,20 @@ CONFIG_FIELDS = {
 }
 
 
-def check_config(config: dict, source: str) -> None:
+def check_config(config: dict, source: str, fields=None, kind: str = "LoraConfig") -> None:
     """Refuses an adapter config with a field ftjax does not implement at the
-    given value, or does not know (see `CONFIG_FIELDS`)."""
+    given value, or does not know (`fields`: `CONFIG_FIELDS`, the allow-list
+    of PEFT's `kind`)."""
+    fields = CONFIG_FIELDS if fields is None else fields
     if not isinstance(config, dict):
         raise AdapterFormatError(f"{source}: {CONFIG_NAME} is not a JSON object")
     for field, value in config.items():
-        if field not in CONFIG_FIELDS:
+        if field not in fields:
             raise AdapterFormatError(
                 f"{source}: {CONFIG_NAME} field {field!r} is unknown to ftjax's importer "
-                "(PEFT LoraConfig fields as of peft 0.21); refusing rather than ignoring it"
+                f"(PEFT {kind} fields as of peft 0.21); refusing rather than ignoring it"
             )
-        ok, expected = CONFIG_FIELDS[field]
+        ok, expected = fields[field]
         if ok(value):
             continue
         if field == "init_lora_weights" and isinstance(value, str):
@@ -413,7 +426,8 @@ def load_adapter(cfg: ModelConfig, params, in_dir: str, *, compute: str = "auto"
     """`params` (plain base params of `cfg`) with the adapter of `in_dir` inserted.
 
     Each adapted kernel becomes a `LoraWeight` (or `DoraWeight`) with the scale
-    the config implies; scanned params get stacked adapters.
+    the config implies; scanned params get stacked adapters. An IA3 adapter
+    (`peft_type: "IA3"`) gives `IA3Weight`s (`ftjax.peft.ia3_format`).
 
     Example::
 
@@ -421,6 +435,10 @@ def load_adapter(cfg: ModelConfig, params, in_dir: str, *, compute: str = "auto"
         logits = model.apply({"params": params}, input_ids)
     """
     config, tensors = read_adapter(in_dir)
+    if isinstance(config, dict) and config.get("peft_type") == "IA3":
+        from ftjax.peft import ia3_format
+
+        return ia3_format.load_adapter(cfg, params, in_dir)
     check_config(config, in_dir)
     modules = _group(tensors, in_dir)
     _validate(config, modules, in_dir)

@@ -66,6 +66,9 @@ class MethodSpec:
       defaults), and `lr_scale`: its learning rate relative to full tuning's.
     - `export(model_cfg, params, out_dir, opts, initial) -> dict` writes HF PEFT
       adapter files; `None` with `no_export` saying why there are none.
+    - `lr_scales(opts) -> {child: multiplier}`: learning rates of the named
+      children of weight leaves relative to the run's (LoRA+: `{"b": 16.0}`);
+      `ftjax.train.optim.build_optimizer` applies them.
     """
 
     name: str
@@ -78,6 +81,7 @@ class MethodSpec:
     export: Callable[..., dict] | None = None
     no_export: str = ""
     doc: str = ""
+    lr_scales: Callable[[dict], Mapping[str, float]] = lambda opts: {}
 
     def defaults(self) -> dict[str, Any]:
         return {k: o.default for k, o in self.options.items()}
@@ -111,6 +115,15 @@ class Method(NamedTuple):
     def adapter_params(self, params) -> dict:
         """The trainable arrays as a plain nested dict (small checkpoints)."""
         return tree.adapter_params_with(params, self.select)
+
+    def lr_scales(self) -> dict[str, float]:
+        """Learning-rate multipliers by weight-leaf child name; `{}` when
+        everything trains at the run's rate (see `MethodSpec.lr_scales`).
+
+        >>> build_method({"name": "lora", "loraplus_ratio": 16}).lr_scales()
+        {'b': 16.0}
+        """
+        return dict(get(self.name).lr_scales(self.config))
 
 
 _METHODS: dict[str, MethodSpec] = {}

@@ -5,7 +5,8 @@ Paths look like `model/layers_3/self_attn/q_proj/kernel` (unscanned) or
 
 - a preset: `qv` (the LoRA paper), `attention`, `mlp`, `all-linear` (every
   projection except the embedding and the output head), whose module names
-  each model family declares in its spec (`FamilySpec.targets`);
+  each model family declares in its spec (`FamilySpec.targets`), and the
+  optional `ia3` / `ia3-feedforward` (IA3's defaults) of families that declare them;
 - a list of module names, e.g. `["q_proj", "v_proj"]` or `["attn/c_attn"]`,
   matched as the path components just before `/kernel` (what HF PEFT's
   `target_modules` list means);
@@ -30,7 +31,7 @@ from collections.abc import Sequence
 from ftjax.models import registry
 from ftjax.peft.base import TargetError, flatten_paths, is_leaf
 
-PRESET_NAMES = registry.TARGET_PRESETS
+PRESET_NAMES = registry.TARGET_PRESETS + registry.OPTIONAL_TARGET_PRESETS
 
 
 def family(params, field: str = "method.targets") -> registry.FamilySpec:
@@ -56,7 +57,13 @@ def module_names(params, targets, field: str = "method.targets") -> tuple[str, .
     if isinstance(targets, str):
         if targets not in PRESET_NAMES:
             return None
-        return tuple(family(params, field).targets[targets])
+        spec = family(params, field)
+        if targets not in spec.targets:
+            raise TargetError(
+                f"{field}: model family {spec.name!r} defines no {targets!r} preset; "
+                "name the module names instead, e.g. ['k_proj', 'v_proj']"
+            )
+        return tuple(spec.targets[targets])
     return tuple(targets)
 
 

@@ -61,7 +61,7 @@ def replace_leaves(params, new: dict):
 
 def has_adapters(params) -> bool:
     """True when the tree holds at least one weight leaf with trainable children."""
-    return any(is_leaf(x) and x.trainable_children for _, x in flatten_paths(params))
+    return any(is_leaf(x) and x.trainable_names() for _, x in flatten_paths(params))
 
 
 def selector(trainable, params) -> Selector:
@@ -135,7 +135,8 @@ def combine(trainable, frozen):
 
 
 def merge(params):
-    """Plain params again: every weight leaf replaced by its dense kernel.
+    """Plain params again: every weight leaf replaced by its dense kernel (and
+    a layer's bias by the one its leaf implies: IA3 scales key and value biases).
 
     The result runs in the model as is, or is saved with `save_pretrained`.
 
@@ -146,9 +147,7 @@ def merge(params):
     Array([[0.5, 0.5],
            [0.5, 0.5]], dtype=float32)
     """
-    return jax.tree.map(
-        lambda x: layers.materialize(x) if is_leaf(x) else x, params, is_leaf=is_leaf
-    )
+    return layers.materialize_params(params)
 
 
 def count(params, trainable=None) -> tuple[int, int]:

@@ -8,10 +8,14 @@
 [(), (8, 4)]
 
 The optimizer only ever sees the `trainable` tree, so frozen weights get no
-optimizer state (the memory half of PEFT's promise).
+optimizer state (the memory half of PEFT's promise). A method may train some
+adapter children at a multiple of the learning rate (LoRA+: `b` at 16x);
+`build_optimizer(..., lr_scales=method.lr_scales())` applies it.
 """
 
 from __future__ import annotations
+
+from collections.abc import Mapping
 
 import jax
 import jax.numpy as jnp
@@ -122,8 +126,51 @@ def decay_mask(params):
     return jax.tree.map(leaf_mask, params, is_leaf=is_weight_leaf)
 
 
-def build_optimizer(cfg, total_steps: int) -> tuple[optax.GradientTransformation, optax.Schedule]:
-    """(tx, schedule) for `cfg` = `default_optim_config()` with overrides."""
+def scale_children(scales: Mapping[str, float]) -> optax.GradientTransformation:
+    """Multiplies the updates of the named children of every weight leaf
+    (`{"b": 16.0}`: LoRA's `b`), leaving plain arrays and other children alone.
+
+    Chained after an optimizer, this trains those children at `scale` times the
+    learning rate: with SGD (momentum or not), AdamW and Lion the update, weight
+    decay included, is linear in the learning rate, so `scale * update(lr)` is
+    `update(scale * lr)` (LoRA+'s parameter groups). So is Adafactor's, except
+    its weight decay, which optax adds after the learning rate: that term is
+    scaled too. Stateless: the optimizer state is that of the optimizer alone.
+
+    >>> from ftjax.peft import LoraWeight
+    >>> tx = optax.chain(optax.sgd(0.1), scale_children({"b": 4.0}))
+    >>> grads = {"k": LoraWeight(None, jnp.ones(2), jnp.ones(2)), "norm": jnp.ones(2)}
+    >>> updates, _ = tx.update(grads, tx.init(grads))
+    >>> updates["k"].a, updates["k"].b, updates["norm"]
+    (Array([-0.1, -0.1], dtype=float32), Array([-0.4, -0.4], dtype=float32), Array([-0.1, -0.1], dtype=float32))
+    """
+    scales = dict(scales)
+
+    def scale(leaf):
+        if not is_weight_leaf(leaf):
+            return leaf
+        changes = {
+            name: getattr(leaf, name) * factor
+            for name, factor in scales.items()
+            if name in leaf.children and getattr(leaf, name) is not None
+        }
+        return leaf.replace(**changes) if changes else leaf
+
+    def update(updates, params=None):
+        del params
+        return jax.tree.map(scale, updates, is_leaf=is_weight_leaf)
+
+    return optax.stateless(update)
+
+
+def build_optimizer(
+    cfg, total_steps: int, *, lr_scales: Mapping[str, float] | None = None
+) -> tuple[optax.GradientTransformation, optax.Schedule]:
+    """(tx, schedule) for `cfg` = `default_optim_config()` with overrides.
+
+    `lr_scales`: learning-rate multipliers of weight-leaf children by name
+    (`method.lr_scales()`, see `scale_children`); a configuration without any
+    other than 1 builds exactly the optimizer (and state) it always did."""
     validate_optim_config(cfg)
     schedule = build_schedule(cfg, total_steps)
     if cfg.name == "adamw":
@@ -147,6 +194,9 @@ def build_optimizer(cfg, total_steps: int) -> tuple[optax.GradientTransformation
         opt = optax.sgd(schedule, momentum=cfg.momentum or None)
         if cfg.weight_decay:
             opt = optax.chain(optax.add_decayed_weights(cfg.weight_decay, decay_mask), opt)
+    scales = {k: float(v) for k, v in (lr_scales or {}).items() if float(v) != 1.0}
+    if scales:
+        opt = optax.chain(opt, scale_children(scales))
     if cfg.clip_norm and cfg.clip_norm > 0:
         opt = optax.chain(optax.clip_by_global_norm(cfg.clip_norm), opt)
     return opt, schedule

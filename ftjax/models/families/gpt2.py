@@ -176,6 +176,9 @@ SPEC = register_family(
             "attention": ("attn/c_attn", "attn/c_proj"),
             "mlp": ("mlp/c_fc", "mlp/c_proj"),
             "all-linear": ("attn/c_attn", "attn/c_proj", "mlp/c_fc", "mlp/c_proj"),
+            # HF PEFT's IA3 default for GPT-2: the fused q/k/v and the MLP's output.
+            "ia3": ("attn/c_attn", "mlp/c_proj"),
+            "ia3-feedforward": ("mlp/c_proj",),
         },
         column_parallel=("attn/c_attn", "mlp/c_fc"),
         row_parallel=("attn/c_proj", "mlp/c_proj"),

@@ -244,6 +244,8 @@ SPEC = register_family(
             "attention": _ATTENTION,
             "mlp": _MLP,
             "all-linear": _ATTENTION + _MLP,
+            "ia3": ("k_proj", "v_proj", "down_proj"),
+            "ia3-feedforward": ("down_proj",),
         },
         column_parallel=("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj"),
         row_parallel=("o_proj", "down_proj"),

@@ -6,7 +6,7 @@
     >>> trainable, frozen = method.split(adapted)
     >>> trainable["model"]["layers_0"]["self_attn"]["q_proj"]["kernel"]
     LoraWeight(w=None, a=float32[32, 8], b=float32[8, 32], scale=2.0, dropout=0.0,
-               compute='auto', init=None)
+               compute='auto', init=None, freeze_a=False)
 
 (`params`: a tiny Llama's params, set up by tests/test_doctests.py.)
 
@@ -18,6 +18,10 @@
 - `dora`: the same options; a DoRA leaf per target.
 - `qlora`: the same, plus quantize (targets whose base becomes NF4, default
   `all-linear`) and double_quant. Targets default to `all-linear` as in QLoRA.
+  LoRA+ (`loraplus_ratio`: b's learning rate / a's) and LoRA-FA (`fa`: a frozen)
+  are options of all three.
+- `ia3`: (IA)^3's per-feature scales of keys, values and the MLP's down
+  projection (targets, feedforward_targets, dtype; see `ftjax.peft.methods.ia3`).
 - `bitfit`: the biases train (and the norm scales, in a model without biases).
 - `freeze`: only the parameters matching the regex `trainable` train, and/or
   those of the last `last_layers` decoder layers (unscanned params only).
@@ -28,7 +32,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from ftjax.peft.methods import bitfit, dora, freeze, full, lora, qlora  # noqa: F401  (registers)
+from ftjax.peft.methods import bitfit, dora, freeze, full, ia3, lora, qlora  # noqa: F401  (registers)
 from ftjax.peft.registry import Method, build_method, get, known_methods, resolve_config
 from ftjax.peft.tree import replace_leaves
 

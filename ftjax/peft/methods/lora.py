@@ -3,7 +3,14 @@
 options and `adapter_apply` also serve DoRA and QLoRA.
 
 The study preset `pissa` is LoRA with PiSSA's initialization (Meng et al.,
-2024) at alpha = rank, so that the scale is 1."""
+2024) at alpha = rank, so that the scale is 1.
+
+Two training-time variants are options, and their adapters export as plain
+LoRA: LoRA+ (Hayou et al., 2024), `loraplus_ratio`, trains `b` at that
+multiple of the learning rate (the paper recommends 16; the optimizer applies
+it, see `MethodSpec.lr_scales`); LoRA-FA (Zhang et al., 2023), `fa`, keeps
+`a` frozen at its random init so that only `b` trains (`LoraWeight.freeze_a`:
+`split` gives `a` no gradient and no optimizer state)."""
 
 from __future__ import annotations
 
@@ -26,6 +33,8 @@ LORA_OPTIONS = {
     "targets": Option("qv", str, "preset, regex or module names (ftjax.peft.targets)"),
     "compute": Option("auto", str, "auto | factored | merged | hybrid (ftjax.peft.lora)"),
     "dtype": Option(None, str, "adapter dtype (default: the kernel's)"),
+    "loraplus_ratio": Option(1.0, float, "LoRA+: b's learning rate / a's (paper: 16; 1 = off)"),
+    "fa": Option(False, parse_bool, "LoRA-FA: a frozen at its init, only b trains"),
 }
 # Where a study starts LoRA-family methods: every linear layer, alpha = 2r,
 # and a learning rate 10x full tuning's, as in the LoRA and QLoRA papers.
@@ -41,6 +50,11 @@ def check_lora_options(opts):
     if opts["init"] not in INITS:
         raise PeftError(f"method.init: {opts['init']!r} is not one of {', '.join(INITS)}")
     check_compute(opts["compute"], float(opts["dropout"]))
+    ratio = opts["loraplus_ratio"]
+    if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not ratio > 0:
+        raise PeftError(f"method.loraplus_ratio: must be a positive number, got {ratio!r}")
+    if not isinstance(opts["fa"], bool):
+        raise PeftError(f"method.fa: must be a bool, got {opts['fa']!r}")
     spec = opts["targets"]
     if not isinstance(spec, str) and not (
         isinstance(spec, Sequence) and all(isinstance(s, str) for s in spec)
@@ -54,7 +68,17 @@ def describe_lora(opts) -> list[str]:
         parts.append(f"init={opts['init']}")
     if opts.get("rslora"):
         parts.append("rslora")
+    if opts.get("loraplus_ratio", 1.0) != 1.0:
+        parts.append(f"lora+{opts['loraplus_ratio']:g}")
+    if opts.get("fa"):
+        parts.append("fa")
     return parts
+
+
+def loraplus_scales(opts) -> dict[str, float]:
+    """LoRA+: `b` at `loraplus_ratio` times the learning rate (nothing when 1)."""
+    ratio = float(opts.get("loraplus_ratio", 1.0))
+    return {} if ratio == 1.0 else {"b": ratio}
 
 
 def adapter_apply(opts, wrap=None, quantized_spec=None, double_quant=True):
@@ -85,6 +109,7 @@ def adapter_apply(opts, wrap=None, quantized_spec=None, double_quant=True):
                 compute=opts["compute"],
                 dtype=opts["dtype"],
                 path=path,
+                freeze_a=bool(opts.get("fa", False)),
             )
             if path in quantized:
                 leaf = leaf.replace(w=quantize_nf4(leaf.w, double_quant=double_quant))
@@ -121,6 +146,7 @@ def lora_family_spec(name: str, build, options=LORA_OPTIONS, doc: str = "") -> M
         lr_scale=10.0,
         export=export_adapter,
         doc=doc,
+        lr_scales=loraplus_scales,
     )
 
 
