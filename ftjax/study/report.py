@@ -487,8 +487,12 @@ def _matched_section(rows, metric) -> list[str]:
     evaluation where its target score reaches 50% / 90% of full fine-tuning's
     final score (from the curves recorded along training)."""
     ref = _reference_full(rows)
-    if ref is None or not ref["target"].mean or not any(any(c) for r in rows for c in r["curves"]):
+    if ref is None or not any(any(c) for r in rows for c in r["curves"]):
         return []
+    if not ref["target"].mean:
+        return ["## Forgetting at matched learning", "",
+                f"Full fine-tuning learned none of the target ({metric} 0): no level to match.",
+                ""]  # fmt: skip
     levels = [(f, f * ref["target"].mean) for f in MATCHED_LEVELS]
     head = (
         "| method | "
