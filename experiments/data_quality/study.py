@@ -21,22 +21,10 @@ One run by hand (after the base exists in runs/data_quality/base):
     python scripts/train.py --config=experiments/data_quality/study.py:method=lora,noise=0.5 \
         --config.model.checkpoint=runs/data_quality/base/hf --workdir=runs/dq-one
 
-Measured on an idle 2-core CPU: the whole sweep (base + 6 runs, `--jobs=2`) in
-171 s (542 s one run at a time on a machine shared with other jobs). The runs
-are deterministic for a given thread count; the measured result (one seed, so
-differences of a few points are noise; the README has the full table):
+Three seeds per cell (`seed=` in the arg sets the data order and adapter
+initialization); the report's intervals are over them. Measured wall time and
+the result table: README, "Data quality".
 
-    run          target  forgetting  memorized_wrong  corrupted_recovered
-    full   0%     93.8      31.2           -                 -
-    full  20%     60.0      28.7          15.0              47.5
-    full  50%     20.0      25.0          21.2              26.2
-    LoRA   0%    100.0      33.8           -                 -
-    LoRA  20%     98.8      32.5           1.2              93.8
-    LoRA  50%     23.8      33.8          10.0              27.5
-
-i.e. at 20% noise full fine-tuning memorizes 15% of the wrong labels and loses
-a third of its target accuracy, while LoRA r=16 mostly answers the true label
-on the very prompts it was trained wrong on; at 50% noise both fail.
 `quick=1` in the arg is a seconds-long end-to-end check (tests/test_studies.py
 runs it).
 
