@@ -43,6 +43,8 @@ MODULES = [
     "ftjax.models.registry",
     "ftjax.peft.dora",
     "ftjax.peft.ia3",
+    "ftjax.peft.loha",
+    "ftjax.peft.lokr",
     "ftjax.peft.lora",
     "ftjax.peft.methods",
     "ftjax.peft.peft_format",
@@ -50,6 +52,7 @@ MODULES = [
     "ftjax.peft.registry",
     "ftjax.peft.targets",
     "ftjax.peft.tree",
+    "ftjax.peft.vera",
     "ftjax.rundir",
     "ftjax.study.stats",
     "ftjax.train.loss",
@@ -67,6 +70,7 @@ WITH_MODEL = {
     "ftjax.peft.peft_format",
     "ftjax.peft.targets",
     "ftjax.peft.tree",
+    "ftjax.peft.vera",
 }
 
 

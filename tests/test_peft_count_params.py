@@ -42,5 +42,5 @@ def test_bad_method_is_one_error_line():
     assert result.returncode != 0
     lines = [line for line in result.stderr.splitlines() if line.startswith("error:")]
     assert lines == [
-        "error: method.name: unknown method 'lroa'; known: bitfit, dora, freeze, full, ia3, lora, qlora"
+        "error: method.name: unknown method 'lroa'; known: bitfit, dora, freeze, full, ia3, loha, lokr, lora, qlora, vera"
     ]

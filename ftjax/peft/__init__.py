@@ -11,6 +11,8 @@ from ftjax.peft.base import (
 )
 from ftjax.peft.dora import DoraWeight, column_norm, from_lora, init_dora
 from ftjax.peft.ia3 import IA3Weight, init_ia3
+from ftjax.peft.loha import LohaWeight, init_loha
+from ftjax.peft.lokr import LokrWeight, init_lokr
 from ftjax.peft.lora import LoraWeight, init_lora, lora_scale, pissa_factors
 from ftjax.peft.methods import DEFAULTS, Method, build_method, known_methods
 from ftjax.peft.peft_format import (
@@ -33,6 +35,7 @@ from ftjax.peft.tree import (
     split,
     with_adapter_params,
 )
+from ftjax.peft.vera import VeraWeight, init_vera
 
 __all__ = [
     "DEFAULTS",
@@ -41,6 +44,8 @@ __all__ = [
     "AdapterFormatError",
     "DoraWeight",
     "IA3Weight",
+    "LohaWeight",
+    "LokrWeight",
     "LoraWeight",
     "Method",
     "NF4Weight",
@@ -48,6 +53,7 @@ __all__ = [
     "RankError",
     "TargetError",
     "UnknownMethodError",
+    "VeraWeight",
     "WeightLeaf",
     "adapter_params",
     "column_norm",
@@ -60,7 +66,10 @@ __all__ = [
     "build_method",
     "init_dora",
     "init_ia3",
+    "init_loha",
+    "init_lokr",
     "init_lora",
+    "init_vera",
     "is_leaf",
     "known_methods",
     "load_adapter",

@@ -38,6 +38,7 @@ from ftjax.peft.methods import replace_leaves
 from ftjax.peft.targets import kernel_paths
 
 SUFFIX = ".ia3_l"
+LEAF_TYPES = (IA3Weight,)
 PREFIX = lora_format.PREFIX
 
 

@@ -54,7 +54,6 @@ from ftjax.models.hf import hf_name, stack_layers, unstack_layers
 from ftjax.models.registry import get_family
 from ftjax.peft.base import AdapterFormatError, PeftError, flatten_paths, is_leaf, path_str
 from ftjax.peft.dora import DoraWeight
-from ftjax.peft.ia3 import IA3Weight
 from ftjax.peft.lora import MERGED_MODES, LoraWeight, lora_scale, pissa_to_lora_leaf
 from ftjax.peft.methods import replace_leaves
 from ftjax.peft.targets import kernel_paths
@@ -254,23 +253,47 @@ def _method_options(method) -> dict:
     return opts.to_dict() if hasattr(opts, "to_dict") else dict(opts)
 
 
+# PEFT types with a layout of their own: peft_type -> the ftjax.peft module that
+# writes (for its `LEAF_TYPES`) and reads them.
+OTHER_FORMATS = {
+    "IA3": "ia3_format",
+    "VERA": "vera_format",
+    "LOHA": "lycoris_format",
+    "LOKR": "lycoris_format",
+}
+
+
+def _other_format(*, leaves=(), peft_type=None):
+    """The format module for `peft_type`, or for the first of `leaves` one of
+    them writes; None for LoRA (this module)."""
+    import importlib
+
+    if peft_type is not None:
+        name = OTHER_FORMATS.get(peft_type)
+        return importlib.import_module(f"ftjax.peft.{name}") if name else None
+    for name in dict.fromkeys(OTHER_FORMATS.values()):
+        module = importlib.import_module(f"ftjax.peft.{name}")
+        if any(isinstance(x, module.LEAF_TYPES) for x in leaves):
+            return module
+    return None
+
+
 def save_adapter(cfg: ModelConfig, params, out_dir: str, *, method=None, **options) -> dict:
     """Exports the adapters of `params` for `peft.PeftModel.from_pretrained`.
 
     `method` (a method config or `Method`) supplies `lora_alpha` and
     `use_rslora` as configured; `options` go to `adapter_state` (lora_alpha,
     use_rslora, target_modules, base_model_name_or_path). Returns the config.
-    PiSSA leaves are refused (see `export_adapter`). IA3 leaves are written in
-    PEFT's IA3 layout (`ftjax.peft.ia3_format`).
+    PiSSA leaves are refused (see `export_adapter`). IA3, VeRA, LoHa and LoKr
+    leaves are written in PEFT's layout for them (`OTHER_FORMATS`).
 
     Example::
 
         save_adapter(model.cfg, state_params, "run/adapter", method=config.method)
     """
-    if any(isinstance(x, IA3Weight) for _, x in flatten_paths(params)):
-        from ftjax.peft import ia3_format
-
-        return ia3_format.save_adapter(cfg, params, out_dir, **options)
+    other = _other_format(leaves=[x for _, x in flatten_paths(params)])
+    if other is not None:
+        return other.save_adapter(cfg, params, out_dir, **options)
     if method is not None:
         opts = _method_options(method)
         if opts.get("init") == "pissa" and any(
@@ -426,8 +449,8 @@ def load_adapter(cfg: ModelConfig, params, in_dir: str, *, compute: str = "auto"
     """`params` (plain base params of `cfg`) with the adapter of `in_dir` inserted.
 
     Each adapted kernel becomes a `LoraWeight` (or `DoraWeight`) with the scale
-    the config implies; scanned params get stacked adapters. An IA3 adapter
-    (`peft_type: "IA3"`) gives `IA3Weight`s (`ftjax.peft.ia3_format`).
+    the config implies; scanned params get stacked adapters. IA3, VeRA, LoHa
+    and LoKr adapters (by `peft_type`) give their own leaves (`OTHER_FORMATS`).
 
     Example::
 
@@ -435,10 +458,9 @@ def load_adapter(cfg: ModelConfig, params, in_dir: str, *, compute: str = "auto"
         logits = model.apply({"params": params}, input_ids)
     """
     config, tensors = read_adapter(in_dir)
-    if isinstance(config, dict) and config.get("peft_type") == "IA3":
-        from ftjax.peft import ia3_format
-
-        return ia3_format.load_adapter(cfg, params, in_dir)
+    other = _other_format(peft_type=config.get("peft_type") if isinstance(config, dict) else None)
+    if other is not None:
+        return other.load_adapter(cfg, params, in_dir)
     check_config(config, in_dir)
     modules = _group(tensors, in_dir)
     _validate(config, modules, in_dir)

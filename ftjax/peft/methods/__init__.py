@@ -22,6 +22,11 @@
   are options of all three.
 - `ia3`: (IA)^3's per-feature scales of keys, values and the MLP's down
   projection (targets, feedforward_targets, dtype; see `ftjax.peft.methods.ia3`).
+- `vera`: VeRA's shared frozen random projections with trainable per-layer
+  vectors lambda_d (r) and lambda_b (out) (rank, d_initial, targets, dtype).
+- `loha`: low-rank Hadamard-product updates (rank, alpha, targets, dtype).
+- `lokr`: Kronecker-product updates with PEFT's factorization (rank, alpha,
+  decompose_both, decompose_factor, targets, dtype).
 - `bitfit`: the biases train (and the norm scales, in a model without biases).
 - `freeze`: only the parameters matching the regex `trainable` train, and/or
   those of the last `last_layers` decoder layers (unscanned params only).
@@ -32,7 +37,18 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from ftjax.peft.methods import bitfit, dora, freeze, full, ia3, lora, qlora  # noqa: F401  (registers)
+from ftjax.peft.methods import (  # noqa: F401  (registers)
+    bitfit,
+    dora,
+    freeze,
+    full,
+    ia3,
+    loha,
+    lokr,
+    lora,
+    qlora,
+    vera,
+)
 from ftjax.peft.registry import Method, build_method, get, known_methods, resolve_config
 from ftjax.peft.tree import replace_leaves
 
