@@ -116,12 +116,6 @@ def _validate(config: dict, tensors: dict, kernels: dict, source: str, *, comple
     return modules, missing
 
 
-def _kernels(cfg: ModelConfig, params) -> dict[str, tuple[int, ...]]:
-    """HF module name -> kernel shape `(in, out)` of every linear layer."""
-    flat = dict(flatten_paths(params))
-    return {lora_format._module(cfg, p): tuple(flat[p].shape) for p in kernel_paths(params)}
-
-
 def adapter_state(
     cfg: ModelConfig, params, *, base_model_name_or_path: str | None = None
 ) -> tuple[dict, dict[str, np.ndarray]]:
@@ -180,13 +174,12 @@ def save_adapter(cfg: ModelConfig, params, out_dir: str, **options) -> dict:
     """
     params = lora_format._unstacked(cfg, params)
     config, tensors = adapter_state(cfg, params, **options)
-    _validate(config, tensors, _kernels(cfg, params), out_dir, complete=True)
+    _validate(config, tensors, lora_format.kernel_shapes(cfg, params), out_dir, complete=True)
     lora_format.write_files(out_dir, config, tensors)
     return config
 
 
-_BOOKKEEPING = """task_type auto_mapping peft_version base_model_name_or_path revision
-    inference_mode""".split()
+_BOOKKEEPING = lora_format.BOOKKEEPING_FIELDS
 
 # Every field of PEFT's IA3Config (peft 0.21) and what the importer accepts for it.
 CONFIG_FIELDS = {
@@ -217,7 +210,9 @@ def load_adapter(cfg: ModelConfig, params, in_dir: str, *, dtype="float32"):
     config, tensors = lora_format.read_adapter(in_dir)
     lora_format.check_config(config, in_dir, CONFIG_FIELDS, kind="IA3Config")
     flat = lora_format._unstacked(cfg, params)
-    modules, missing = _validate(config, tensors, _kernels(cfg, flat), in_dir, complete=False)
+    modules, missing = _validate(
+        config, tensors, lora_format.kernel_shapes(cfg, flat), in_dir, complete=False
+    )
     if missing and not config.get("init_ia3_weights", True):
         # PEFT would give these modules random vectors (init_ia3_weights false).
         raise AdapterFormatError(

@@ -49,11 +49,6 @@ def _kind_of(leaf) -> str:
     return "LOHA" if isinstance(leaf, LohaWeight) else "LOKR"
 
 
-def _kernels(cfg: ModelConfig, params) -> dict[str, tuple[int, ...]]:
-    flat = dict(flatten_paths(params))
-    return {lora_format._module(cfg, p): tuple(flat[p].shape) for p in kernel_paths(params)}
-
-
 def _expected(kind: str, config: dict, kernel_shape) -> dict[str, tuple[int, int]]:
     """The torch tensor shapes PEFT builds for a linear module under `config`."""
     fan_in, fan_out = kernel_shape[-2:]
@@ -198,13 +193,12 @@ def save_adapter(cfg: ModelConfig, params, out_dir: str, **options) -> dict:
     """
     params = lora_format._unstacked(cfg, params)
     config, tensors = adapter_state(cfg, params, **options)
-    _validate(config, tensors, _kernels(cfg, params), out_dir, complete=True)
+    _validate(config, tensors, lora_format.kernel_shapes(cfg, params), out_dir, complete=True)
     lora_format.write_files(out_dir, config, tensors)
     return config
 
 
-_BOOKKEEPING = """task_type auto_mapping peft_version base_model_name_or_path revision
-    inference_mode""".split()
+_BOOKKEEPING = lora_format.BOOKKEEPING_FIELDS
 _ZERO = (lambda v: v in (0, 0.0, None), "0 (not implemented)")
 _SHARED = {
     "r": (lambda v: lora_format._is_int(v) and v > 0, "a positive int"),
@@ -254,7 +248,9 @@ def load_adapter(cfg: ModelConfig, params, in_dir: str):
     kind = config.get("peft_type")
     lora_format.check_config(config, in_dir, CONFIG_FIELDS[kind], kind=CONFIG_CLASSES[kind])
     flat = lora_format._unstacked(cfg, params)
-    modules = _validate(config, tensors, _kernels(cfg, flat), in_dir, complete=False)
+    modules = _validate(
+        config, tensors, lora_format.kernel_shapes(cfg, flat), in_dir, complete=False
+    )
     r, alpha = int(config["r"]), float(config["alpha"])
     scale = alpha / r
     leaf_type, names = KINDS[kind]

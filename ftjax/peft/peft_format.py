@@ -64,6 +64,13 @@ PREFIX = "base_model.model."
 _SUFFIXES = {".lora_A.weight": "a", ".lora_B.weight": "b", ".lora_magnitude_vector": "m"}
 
 
+def kernel_shapes(cfg: ModelConfig, params) -> dict[str, tuple[int, ...]]:
+    """HF module name -> kernel shape `(in, out)` of every linear layer of
+    `params` (what each format's importer checks a file's tensors against)."""
+    flat = dict(flatten_paths(params))
+    return {_module(cfg, p): tuple(flat[p].shape) for p in kernel_paths(params)}
+
+
 def _module(cfg: ModelConfig, path: str) -> str:
     name, _ = hf_name(cfg.replace(scan_layers=False), tuple(path.split("/")))
     return name.removesuffix(".weight")
@@ -364,9 +371,17 @@ BASE_PRESERVING_INITS = (True, False, "gaussian", "eva", "orthogonal", "mica")
 # Every field of PEFT's LoraConfig (peft 0.21) and what the importer accepts
 # for it. Bookkeeping, runtime and init-time-only settings take anything
 # (whether an init rewrote the base is `init_lora_weights`' business):
-_BOOKKEEPING = """task_type auto_mapping peft_version base_model_name_or_path revision
-    inference_mode runtime_config megatron_core qalora_group_size ensure_weight_tying
-    loftq_config eva_config corda_config lora_ga_config""".split()
+# The fields every PEFT adapter config carries for bookkeeping (each format's
+# allow-list accepts them as they are).
+BOOKKEEPING_FIELDS = (
+    "task_type", "auto_mapping", "peft_version", "base_model_name_or_path", "revision",
+    "inference_mode",
+)  # fmt: skip
+_BOOKKEEPING = [
+    *BOOKKEEPING_FIELDS,
+    *"""runtime_config megatron_core qalora_group_size
+    ensure_weight_tying loftq_config eva_config corda_config lora_ga_config""".split(),
+]
 # Features ftjax does not implement, accepted only at their off value:
 _OFF = """rank_pattern alpha_pattern modules_to_save layers_to_transform layers_pattern
     megatron_config trainable_token_indices velora_config alora_invocation_tokens

@@ -40,11 +40,6 @@ SUFFIXES = {".vera_lambda_b": "lambda_b", ".vera_lambda_d": "lambda_d"}
 LEAF_TYPES = (VeraWeight,)
 
 
-def _kernels(cfg: ModelConfig, params) -> dict[str, tuple[int, ...]]:
-    flat = dict(flatten_paths(params))
-    return {lora_format._module(cfg, p): tuple(flat[p].shape) for p in kernel_paths(params)}
-
-
 def adapter_state(
     cfg: ModelConfig, params, *, d_initial: float = 0.1, base_model_name_or_path=None
 ) -> tuple[dict, dict[str, np.ndarray]]:
@@ -187,13 +182,12 @@ def save_adapter(cfg: ModelConfig, params, out_dir: str, **options) -> dict:
     """
     params = lora_format._unstacked(cfg, params)
     config, tensors = adapter_state(cfg, params, **options)
-    _validate(config, tensors, _kernels(cfg, params), out_dir, complete=True)
+    _validate(config, tensors, lora_format.kernel_shapes(cfg, params), out_dir, complete=True)
     lora_format.write_files(out_dir, config, tensors)
     return config
 
 
-_BOOKKEEPING = """task_type auto_mapping peft_version base_model_name_or_path revision
-    inference_mode projection_prng_key""".split()
+_BOOKKEEPING = [*lora_format.BOOKKEEPING_FIELDS, "projection_prng_key"]
 
 # Every field of PEFT's VeraConfig (peft 0.21) and what the importer accepts for it.
 CONFIG_FIELDS = {
@@ -228,7 +222,7 @@ def load_adapter(cfg: ModelConfig, params, in_dir: str):
     config, tensors = lora_format.read_adapter(in_dir)
     lora_format.check_config(config, in_dir, CONFIG_FIELDS, kind="VeraConfig")
     flat = lora_format._unstacked(cfg, params)
-    modules, missing, a_t, b_t = _validate(config, tensors, _kernels(cfg, flat), in_dir,
+    modules, missing, a_t, b_t = _validate(config, tensors, lora_format.kernel_shapes(cfg, flat), in_dir,
                                            complete=False)  # fmt: skip
     a_shared, b_shared = np.asarray(a_t).T, np.asarray(b_t).T
     by_module = {lora_format._module(cfg, p): p for p in kernel_paths(flat)}

@@ -145,10 +145,11 @@ def select(sel: dict, sweep_dir: str) -> dict:
         grid = []
         for point in product(**row["grid"]):
             name = point_name(label, point, sel["seeds"][0])
-            summary = RunDir(os.path.join(sweep_dir, name)).read_summary()
-            if not RunDir(os.path.join(sweep_dir, name)).is_finished(evaluated=True):
+            run = RunDir(os.path.join(sweep_dir, name))
+            if not run.is_finished(evaluated=True):
                 missing.append(name)
                 continue
+            summary = run.read_summary()
             grid.append(
                 {
                     "point": point,
