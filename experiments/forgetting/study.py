@@ -49,7 +49,7 @@ FULL = dict(
     model=dict(hidden_size=256, intermediate_size=512, num_layers=2, num_heads=4, num_kv_heads=2),
     pretrain_steps=1200,
     pretrain_batch_size=32,
-    finetune_steps=64,
+    finetune_steps=72,
     batch_size=32,
     eval_examples=200,
     eval_every=16,

@@ -69,6 +69,12 @@ class MethodSpec:
     - `lr_scales(opts) -> {child: multiplier}`: learning rates of the named
       children of weight leaves relative to the run's (LoRA+: `{"b": 16.0}`);
       `ftjax.train.optim.build_optimizer` applies them.
+    - `optimizer(opts, tx, schedule, total_steps) -> tx`: the run's optimizer as
+      this method needs it (GaLore projects the gradients of 2-D weights,
+      AdaLoRA allocates ranks after the update); `None` keeps `tx` as built.
+    - `penalty(opts) -> fn(trainable) -> scalar`: a term added to the
+      training loss (AdaLoRA's orthogonality regularizer); `None` for none.
+      The train step adds its gradient once per step, after the micro-batches.
     """
 
     name: str
@@ -82,6 +88,8 @@ class MethodSpec:
     no_export: str = ""
     doc: str = ""
     lr_scales: Callable[[dict], Mapping[str, float]] = lambda opts: {}
+    optimizer: Callable[..., Any] | None = None
+    penalty: Callable[[dict], Callable[[Any], Any]] | None = None
 
     def defaults(self) -> dict[str, Any]:
         return {k: o.default for k, o in self.options.items()}
@@ -124,6 +132,17 @@ class Method(NamedTuple):
         {'b': 16.0}
         """
         return dict(get(self.name).lr_scales(self.config))
+
+    def optimizer(self, tx, schedule, total_steps: int):
+        """The run's optimizer `tx` as this method trains with it (see
+        `MethodSpec.optimizer`); `tx` itself for most methods."""
+        wrap = get(self.name).optimizer
+        return tx if wrap is None else wrap(self.config, tx, schedule, int(total_steps))
+
+    def penalty(self):
+        """`fn(trainable) -> scalar` added to the training loss, or None."""
+        make = get(self.name).penalty
+        return None if make is None else make(self.config)
 
 
 _METHODS: dict[str, MethodSpec] = {}

@@ -131,7 +131,8 @@ def prepare(cfg, target: Target) -> Prepared:
     model_cfg = planned_model_config(cfg.model)
     model = build_model(model_cfg)
     method = peft.build_method(cfg.method)
-    tx, _ = build_optimizer(cfg.optim, int(cfg.train.steps), lr_scales=method.lr_scales())
+    tx, schedule = build_optimizer(cfg.optim, int(cfg.train.steps), lr_scales=method.lr_scales())
+    tx = method.optimizer(tx, schedule, int(cfg.train.steps))
     step_cfg = step_config(cfg)
     mode = cfg.parallel.mode
     if mode == "pmap" and target.platform != jax.default_backend():

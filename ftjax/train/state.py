@@ -192,6 +192,7 @@ def build_run(cfg) -> RunStart:
     base_params = jax.device_get(base_params)
     method = peft.build_method(cfg.method)
     tx, schedule = build_optimizer(cfg.optim, cfg.train.steps, lr_scales=method.lr_scales())
+    tx = method.optimizer(tx, schedule, cfg.train.steps)
     state = init_state(base_params, method, tx, seed)
     identity = run_identity(cfg, model, base_identity)
     return RunStart(model, base_params, method, tx, schedule, state, identity)
@@ -205,4 +206,5 @@ def step_config(cfg) -> StepConfig:
         z_loss=float(cfg.train.z_loss),
         label_smoothing=float(cfg.train.label_smoothing),
         loss_chunk=int(cfg.train.get("loss_chunk", -1)),
+        penalty=peft.build_method(cfg.method).penalty(),
     )

@@ -18,6 +18,7 @@ so the full logits exist in neither pass.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import jax
@@ -57,6 +58,8 @@ class StepConfig(NamedTuple):
     # Positions per chunk of the chunked loss: -1 auto (chunk only where one
     # sequence's float32 logits exceed loss.AUTO_CHUNK_BYTES), 0 dense, N > 0.
     loss_chunk: int = -1
+    # The method's loss term on the trainable tree (`Method.penalty()`), or None.
+    penalty: Callable[[Any], jax.Array] | None = None
 
 
 def _forward(model, params, batch, rng, deterministic, **kwargs):
@@ -163,6 +166,11 @@ def train_step(state: TrainState, batch: dict, *, model, tx, cfg: StepConfig = S
         (loss, correct, grads), _ = jax.lax.scan(body, (0.0, 0.0, zeros), (micros, rngs))
     if cfg.axis_name is not None:
         loss, correct, grads = jax.lax.psum((loss, correct, grads), cfg.axis_name)
+    penalty = None
+    if cfg.penalty is not None:
+        # A function of the parameters alone: added once, not per micro-batch or device.
+        penalty, penalty_grads = jax.value_and_grad(cfg.penalty)(state.trainable)
+        grads = jax.tree.map(jnp.add, grads, penalty_grads)
 
     grad_norm = optax.global_norm(grads)
     finite = jnp.isfinite(grad_norm) & jnp.isfinite(loss)
@@ -184,6 +192,8 @@ def train_step(state: TrainState, batch: dict, *, model, tx, cfg: StepConfig = S
         "loss_tokens": count,
         "skipped": new_state.skipped,
     }
+    if penalty is not None:
+        metrics["penalty"] = penalty
     return new_state, metrics
 
 
