@@ -47,6 +47,7 @@ MODULES = [
     "ftjax.peft.lokr",
     "ftjax.peft.lora",
     "ftjax.peft.methods",
+    "ftjax.peft.oft",
     "ftjax.peft.peft_format",
     "ftjax.peft.quant",
     "ftjax.peft.registry",

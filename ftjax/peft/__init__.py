@@ -15,6 +15,7 @@ from ftjax.peft.loha import LohaWeight, init_loha
 from ftjax.peft.lokr import LokrWeight, init_lokr
 from ftjax.peft.lora import LoraWeight, init_lora, lora_scale, pissa_factors
 from ftjax.peft.methods import DEFAULTS, Method, build_method, known_methods
+from ftjax.peft.oft import OFTWeight, init_oft
 from ftjax.peft.peft_format import (
     export_adapter,
     load_adapter,
@@ -49,6 +50,7 @@ __all__ = [
     "LoraWeight",
     "Method",
     "NF4Weight",
+    "OFTWeight",
     "PeftError",
     "RankError",
     "TargetError",
@@ -69,6 +71,7 @@ __all__ = [
     "init_loha",
     "init_lokr",
     "init_lora",
+    "init_oft",
     "init_vera",
     "is_leaf",
     "known_methods",

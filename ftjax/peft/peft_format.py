@@ -267,6 +267,7 @@ OTHER_FORMATS = {
     "VERA": "vera_format",
     "LOHA": "lycoris_format",
     "LOKR": "lycoris_format",
+    "OFT": "oft_format",
 }
 
 

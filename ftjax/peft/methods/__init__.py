@@ -27,6 +27,9 @@
 - `loha`: low-rank Hadamard-product updates (rank, alpha, targets, dtype).
 - `lokr`: Kronecker-product updates with PEFT's factorization (rank, alpha,
   decompose_both, decompose_factor, targets, dtype).
+- `oft`: a block-diagonal orthogonal rotation (Cayley transform of trainable
+  skew-symmetric blocks) of each kernel's input side (block_size or rank,
+  block_share, cayley_neumann, neumann_terms, coft, eps, targets, dtype).
 - `bitfit`: the biases train (and the norm scales, in a model without biases).
 - `freeze`: only the parameters matching the regex `trainable` train, and/or
   those of the last `last_layers` decoder layers (unscanned params only).
@@ -46,6 +49,7 @@ from ftjax.peft.methods import (  # noqa: F401  (registers)
     loha,
     lokr,
     lora,
+    oft,
     qlora,
     vera,
 )
