@@ -32,7 +32,9 @@ _BATCH = flags.DEFINE_integer("batch", None, "Sequences per step.")
 _SEQ = flags.DEFINE_integer("seq", None, "Tokens per sequence.")
 _STEPS = flags.DEFINE_integer("steps", D.steps, "Measured rounds (one step per job each).")
 _WARMUP = flags.DEFINE_integer("warmup", D.warmup, "Unmeasured rounds after compilation.")
-_METHODS = flags.DEFINE_list("methods", list(D.methods), "ftjax methods: full, lora, dora, qlora.")
+_METHODS = flags.DEFINE_list(
+    "methods", list(D.methods), "ftjax methods: any registered method, or all (method_config)."
+)
 _RANK = flags.DEFINE_integer("rank", D.rank, "LoRA / DoRA / QLoRA rank (all-linear targets).")
 _DTYPE = flags.DEFINE_enum("dtype", D.dtype, ["float32", "bfloat16"], "Compute dtype.")
 _PARAM_DTYPE = flags.DEFINE_enum(
@@ -75,13 +77,20 @@ def main(argv):
     for name, flag in (("steps", _STEPS), ("warmup", _WARMUP)):
         if flag.present or not _QUICK.value:
             setattr(cfg, name, flag.value)
-    unknown = sorted(set(_METHODS.value) - set(bench.METHODS))
+    from ftjax.peft import known_methods
+
+    methods = _METHODS.value
+    if methods == ["all"]:
+        methods = list(known_methods())
+    unknown = sorted(set(methods) - set(known_methods()))
     if unknown:
-        raise ConfigError(f"--methods: unknown {unknown[0]!r}; known: {', '.join(bench.METHODS)}")
+        raise ConfigError(
+            f"--methods: unknown {unknown[0]!r}; known: all, {', '.join(known_methods())}"
+        )
     cfg.model_fields()  # validates the preset
     if cfg.steps < 1 or cfg.batch < 1 or cfg.seq < 2:
         raise ConfigError("--steps, --batch must be >= 1 and --seq >= 2")
-    cfg.methods = tuple(_METHODS.value)
+    cfg.methods = tuple(methods)
     cfg.rank, cfg.dtype, cfg.param_dtype = _RANK.value, _DTYPE.value, _PARAM_DTYPE.value
     cfg.peak_flops, cfg.torch, cfg.inference = _PEAK.value, _TORCH.value, _INFER.value
     cfg.interleave, cfg.isolate, cfg.profile = _INTERLEAVE.value, _ISOLATE.value, _PROFILE.value

@@ -44,3 +44,25 @@ def test_bad_method_is_one_error_line():
     assert lines == [
         "error: method.name: unknown method 'lroa'; known: bitfit, dora, freeze, full, ia3, loha, lokr, lora, qlora, vera"
     ]
+
+
+def test_every_method_has_a_closed_form_count():
+    """experiments/methods/param_counts.py: one row per registered method on
+    Llama-2-7B's shapes, each equal to its closed form (the script exits 1 on
+    any row that differs)."""
+    from ftjax.peft import known_methods
+
+    result = run("--config=experiments/methods/param_counts.py")
+    assert result.returncode == 0, result.stderr
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(
+        "methods_param_counts", f"{ROOT}/experiments/methods/param_counts.py"
+    )
+    config = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(config)
+    counted = {method["name"] for _, method, _ in config.SETTINGS.values()}
+    missing = sorted(set(known_methods()) - counted)
+    assert not missing, f"no closed-form count row for {missing}"
+    rows = [line for line in result.stdout.splitlines() if line.startswith("| ")][2:]
+    assert len(rows) == len(config.SETTINGS)

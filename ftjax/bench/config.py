@@ -91,10 +91,35 @@ QUICK = dict(
 )
 
 
+# Settings of methods whose size is not `rank` on all-linear targets (every
+# registered method can be benchmarked: `--methods=ia3,vera,...`).
+METHOD_EXTRAS = {
+    "adalora": lambda rank: {"init_r": rank + rank // 2, "target_r": rank},
+    "vera": lambda rank: {"rank": 16 * rank},  # VeRA's shared rank is large (256-1024 in its paper)
+    "freeze": lambda rank: {"last_layers": 1},
+    "prompt_tuning": lambda rank: {"num_virtual_tokens": 16},
+    "prefix_tuning": lambda rank: {"num_virtual_tokens": 16},
+}
+# Methods whose own default targets are the point of the method (IA3: k, v, MLP down).
+OWN_TARGETS = ("ia3",)
+
+
 def method_config(name: str, rank: int, alpha: float) -> dict:
-    if name == "full":
-        return {"name": "full"}
-    return {"name": name, "rank": rank, "alpha": alpha, "targets": "all-linear"}
+    """The benchmark's config of method `name`: `rank` and `alpha` where the
+    method has them, all-linear targets, then the method's `METHOD_EXTRAS`."""
+    from ftjax.peft.registry import get
+
+    options = get(name).options
+    cfg = {"name": name}
+    if "rank" in options:
+        cfg["rank"] = rank
+    if "alpha" in options:
+        cfg["alpha"] = alpha
+    if "targets" in options and name not in OWN_TARGETS:
+        cfg["targets"] = "all-linear"
+    if name in METHOD_EXTRAS:
+        cfg.update(METHOD_EXTRAS[name](rank))
+    return cfg
 
 
 def optim_config():

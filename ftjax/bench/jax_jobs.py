@@ -129,7 +129,8 @@ class JaxTrain(TrainStep, JaxJob):
         model = build_model(cfg)
         method_cfg = method_config(spec["method"], spec["rank"], spec["alpha"])
         method = peft.build_method({**method_cfg, **spec.get("method_options", {})})
-        tx, _ = build_optimizer(optim_config(), 1000)
+        tx, schedule = build_optimizer(optim_config(), 1000, lr_scales=method.lr_scales())
+        tx = method.optimizer(tx, schedule, 1000)  # GaLore's projection, AdaLoRA's allocator
         params = host_params(model)
 
         # One program adapts the weights and builds the optimizer state (each
@@ -139,7 +140,8 @@ class JaxTrain(TrainStep, JaxJob):
         state = jax.jit(build, donate_argnums=0)(params)
         del params
         info = state_info(state, method)
-        par = Parallel("single", model, tx, StepConfig(loss_chunk=spec.get("loss_chunk", -1)))
+        step_cfg = StepConfig(loss_chunk=spec.get("loss_chunk", -1), penalty=method.penalty())
+        par = Parallel("single", model, tx, step_cfg)
         state = par.place_state(state)
         batch = par.place_batch(synthetic_batch(cfg.vocab_size, spec["batch"], spec["seq"]))
         t0 = time.perf_counter()
