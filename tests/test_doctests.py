@@ -46,6 +46,8 @@ MODULES = [
     "ftjax.peft.loha",
     "ftjax.peft.lokr",
     "ftjax.peft.lora",
+    "ftjax.peft.lora_fields",
+    "ftjax.peft.lora_fields_format",
     "ftjax.peft.methods",
     "ftjax.peft.oft",
     "ftjax.peft.peft_format",

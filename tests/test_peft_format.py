@@ -174,6 +174,6 @@ def test_writer_refuses_what_peft_would_silently_accept(tmp_path):
         written = json.load(f)
     assert written["use_dora"] and written["init_lora_weights"] is True
     with open(tmp_path / "adapter_config.json", "w") as f:
-        json.dump({**written, "init_lora_weights": "pissa"}, f)
-    with pytest.raises(peft.AdapterFormatError, match="init_lora_weights='pissa'"):
+        json.dump({**written, "init_lora_weights": "corda"}, f)
+    with pytest.raises(peft.AdapterFormatError, match="init_lora_weights='corda'"):
         peft.load_adapter(cfg, params, str(tmp_path))

@@ -24,17 +24,22 @@ Inits (`init_lora`): `kaiming` (a ~ U(-1/sqrt(in), 1/sqrt(in)), what PEFT's
 kaiming_uniform(a=sqrt(5)) gives), `gaussian` (a ~ N(0, 1/r^2)), both with
 `b = 0` so the adapted model equals the base model exactly at step 0; and
 `pissa`, which takes `a`, `b` from the top-r singular directions of `w`
-scaled by `sqrt(S / scale)` and leaves the residual `w - scale * a @ b` frozen.
-A PiSSA leaf records that in its static field `init="pissa"`: its `w` is not
-the model's kernel, so an adapter file holding only `a`, `b` would be applied
-to the wrong base; `pissa_to_lora_leaf` rewrites it as a plain LoRA over the
-original kernel (`init=None`).
+scaled by `sqrt(S / scale)` and leaves the residual `w - scale * a @ b` frozen;
+`pissa_niter_<k>`, the same from a randomized SVD (k subspace iterations on a
+fixed Gaussian sketch, so that it is a deterministic function of `w`); and
+`olora`, which takes them from the QR decomposition of the torch-layout
+kernel `w.T = Q R` (`b = Q_r.T`, `a = R_r.T`), as PEFT's OLoRA does.
+A leaf made by one of these records it in its static field `init`: its `w`
+is not the model's kernel, so an adapter file holding only `a`, `b` would be
+applied to the wrong base; `pissa_to_lora_leaf` rewrites it as a plain LoRA
+over the original kernel (`init=None`).
 """
 
 from __future__ import annotations
 
 import functools
 import math
+import re
 
 import jax
 import jax.numpy as jnp
@@ -46,9 +51,36 @@ from ftjax.peft.base import PeftError, RankError, WeightLeaf, register_leaf
 COMPUTE_MODES = ("auto", "factored", "merged", "hybrid")
 # Modes whose forward uses the merged kernel: no separate low-rank input, so no dropout.
 MERGED_MODES = ("merged", "hybrid")
-INITS = ("kaiming", "gaussian", "pissa")
+INITS = ("kaiming", "gaussian", "pissa", "pissa_niter_<k>", "olora")
 # Inits that rewrite the frozen kernel: a leaf made by one is not "base + a @ b".
-BASE_REWRITING_INITS = ("pissa",)
+BASE_REWRITING_INITS = ("pissa", "olora")
+_PISSA_NITER = re.compile(r"pissa_niter_(\d+)")
+# PEFT inits ftjax does not implement, and why (`check_init`).
+REFUSED_INITS = {
+    "loftq": "data-dependent: alternates NF4 quantization and SVD of the base (LoftQ)",
+    "corda": "data-dependent: needs activation covariances from calibration data (CorDA)",
+    "eva": "data-dependent: SVD of activations on calibration data (EVA)",
+    "lora_ga": "data-dependent: needs gradients on calibration data (LoRA-GA)",
+    "orthogonal": "not implemented (PEFT's orthogonal init)",
+    "mica": "not implemented (MiCA freezes B at the minor singular vectors)",
+}
+
+
+def is_base_rewriting(init) -> bool:
+    """True for the inits whose leaf's `w` is a residual, not the model's kernel."""
+    return isinstance(init, str) and (
+        init in BASE_REWRITING_INITS or _PISSA_NITER.fullmatch(init) is not None
+    )
+
+
+def check_init(init, field: str = "method.init") -> None:
+    """Raises PeftError naming `field` for an init ftjax cannot make."""
+    if init in ("kaiming", "gaussian") or is_base_rewriting(init):
+        return
+    reason = REFUSED_INITS.get(init) if isinstance(init, str) else None
+    if reason:
+        raise PeftError(f"{field}: {init!r} is refused: {reason}")
+    raise PeftError(f"{field}: {init!r} is not one of {', '.join(INITS)}")
 
 
 def dropout(x, rate: float, rng):
@@ -99,9 +131,10 @@ class LoraWeight(WeightLeaf):
         freeze_a: bool = False,
     ):
         check_compute(compute, dropout)
-        if init is not None and init not in BASE_REWRITING_INITS:
+        if init is not None and not is_base_rewriting(init):
             raise PeftError(
-                f"LoraWeight.init: {init!r} is not None or one of {', '.join(BASE_REWRITING_INITS)}"
+                f"LoraWeight.init: {init!r} is not None or one of "
+                f"{', '.join(BASE_REWRITING_INITS)}, pissa_niter_<k>"
             )
         self._set(
             w=w, a=a, b=b, scale=float(scale), dropout=float(dropout), compute=compute, init=init,
@@ -118,7 +151,7 @@ class LoraWeight(WeightLeaf):
     @property
     def rewrites_base(self) -> bool:
         """True when `w` is not the model's kernel (a PiSSA residual, say)."""
-        return self.init in BASE_REWRITING_INITS
+        return is_base_rewriting(self.init)
 
     @property
     def shape(self):
@@ -277,14 +310,15 @@ def init_lora(
     elif init == "gaussian":
         a = jax.random.normal(key, lead + (fan_in, rank), dtype) / rank
         b = jnp.zeros(lead + (rank, fan_out), dtype)
-    elif init == "pissa":
+    elif is_base_rewriting(init):
         if isinstance(w, WeightLeaf):
-            raise PeftError(f"method.init: 'pissa' needs a dense kernel at {path}")
-        w, a, b = pissa_factors(w, rank, scale)
+            raise PeftError(f"method.init: {init!r} needs a dense kernel at {path}")
+        w, a, b = rewriting_factors(init, w, rank, scale)
         a, b = a.astype(dtype), b.astype(dtype)
     else:
+        check_init(init)
         raise PeftError(f"method.init: {init!r} is not one of {', '.join(INITS)}")
-    marker = init if init in BASE_REWRITING_INITS else None
+    marker = init if is_base_rewriting(init) else None
     return LoraWeight(
         w, a, b, scale=scale, dropout=dropout, compute=compute, init=marker, freeze_a=freeze_a
     )
@@ -306,6 +340,51 @@ def pissa_factors(w, rank: int, scale: float):
     return residual, a, b
 
 
+def pissa_niter_factors(w, rank: int, scale: float, niter: int):
+    """`pissa_factors` from a randomized SVD: `niter` subspace iterations on a
+    Gaussian sketch of width `rank` (Halko et al.; PEFT's `pissa_niter_<k>`
+    uses torch's `svd_lowrank` the same way). The sketch's key is fixed, so
+    the factors are a function of `w` alone and a conversion to plain LoRA
+    can recompute them from the base."""
+    m = jnp.asarray(w, jnp.float32)
+    mt = jnp.swapaxes(m, -1, -2)
+    sketch = jax.random.normal(jax.random.key(0), m.shape[:-2] + (m.shape[-1], rank), jnp.float32)
+    q, _ = jnp.linalg.qr(jnp.matmul(m, sketch))
+    for _ in range(niter):
+        z, _ = jnp.linalg.qr(jnp.matmul(mt, q))
+        q, _ = jnp.linalg.qr(jnp.matmul(m, z))
+    u_small, s, vt = jnp.linalg.svd(jnp.matmul(jnp.swapaxes(q, -1, -2), m), full_matrices=False)
+    root = jnp.sqrt(s / scale)
+    a = jnp.matmul(q, u_small) * root[..., None, :]
+    b = root[..., :, None] * vt
+    return (m - scale * jnp.matmul(a, b)).astype(w.dtype), a, b
+
+
+def olora_factors(w, rank: int, scale: float):
+    """(residual, a, b) with `residual + scale * a @ b == w` (OLoRA init).
+
+    PEFT factors the torch-layout weight `w.T = Q R` and sets `lora_B = Q_r`,
+    `lora_A = R_r` (no rescaling by `scale`), so `b = Q_r.T`, `a = R_r.T`.
+    The product `Q_r R_r` does not depend on QR's sign convention."""
+    w32 = jnp.asarray(w, jnp.float32)
+    q, r = jnp.linalg.qr(jnp.swapaxes(w32, -1, -2))
+    a = jnp.swapaxes(r[..., :rank, :], -1, -2)
+    b = jnp.swapaxes(q[..., :, :rank], -1, -2)
+    return (w32 - scale * jnp.matmul(a, b)).astype(w.dtype), a, b
+
+
+def rewriting_factors(init: str, w, rank: int, scale: float):
+    """(residual, a, b) of a base-rewriting init (`is_base_rewriting`)."""
+    if init == "pissa":
+        return pissa_factors(w, rank, scale)
+    if init == "olora":
+        return olora_factors(w, rank, scale)
+    match = _PISSA_NITER.fullmatch(init)
+    if match is None:
+        raise PeftError(f"init: {init!r} does not rewrite the base")
+    return pissa_niter_factors(w, rank, scale, int(match.group(1)))
+
+
 def pissa_to_lora_leaf(trained: LoraWeight, initial, path: str = "kernel") -> LoraWeight:
     """A plain-LoRA leaf over the *original* kernel equal to a trained PiSSA leaf.
 
@@ -321,13 +400,14 @@ def pissa_to_lora_leaf(trained: LoraWeight, initial, path: str = "kernel") -> Lo
     (so this runs outside `jit`). Over a quantized residual (QPiSSA) the
     rewrite is exact for ftjax's leaf, whose `w` becomes the dequantized
     residual plus `s a0 b0`; over the released `W` it differs by the
-    quantization error, as PEFT warns for its own conversion.
+    quantization error, as PEFT warns for its own conversion. OLoRA and
+    `pissa_niter_<k>` leaves convert the same way (`rewriting_factors`).
     """
     if not trained.rewrites_base:
         raise PeftError(f"{path}: not a PiSSA leaf (init={trained.init!r}); nothing to convert")
     rank, scale = trained.rank, trained.scale
     if isinstance(initial, LoraWeight):
-        if not initial.rewrites_base or initial.rank != rank or initial.scale != scale:
+        if initial.init != trained.init or initial.rank != rank or initial.scale != scale:
             raise PeftError(
                 f"{path}: the initial leaf (init={initial.init!r}, rank {initial.rank}, "
                 f"scale {initial.scale}) is not this PiSSA leaf's (rank {rank}, scale {scale})"
@@ -341,7 +421,7 @@ def pissa_to_lora_leaf(trained: LoraWeight, initial, path: str = "kernel") -> Lo
                 f"the PiSSA leaf {tuple(trained.shape)}"
             )
         original = jnp.asarray(initial, jnp.float32)
-        residual, a0, b0 = pissa_factors(original, rank, scale)
+        residual, a0, b0 = rewriting_factors(trained.init, original, rank, scale)
     _check_residual(trained.w, residual, path)
     dtype = trained.w.dtype
     a = jnp.concatenate([trained.a, jnp.asarray(a0, trained.a.dtype)], axis=-1)

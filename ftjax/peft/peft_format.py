@@ -12,8 +12,11 @@ PEFT loads leniently: it silently drops tensors of modules that
 magnitudes when `use_dora` is false. `write_adapter` therefore checks both
 itself and refuses. On import, every field of `adapter_config.json` must be
 one ftjax implements, or bookkeeping, or at the value that leaves LoRA's
-computation unchanged (`CONFIG_FIELDS`); any other field, including ones a
-later PEFT adds, is refused by name rather than ignored.
+computation unchanged (`LORA_CONFIG_FIELDS`); any other field, including ones
+a later PEFT adds, is refused by name rather than ignored. Per-module ranks,
+trained biases, modules to save and layer subsets are PEFT's `rank_pattern`,
+`alpha_pattern`, `bias`, `modules_to_save` and `layers_to_transform`
+(`ftjax.peft.lora_fields`, `ftjax.peft.lora_fields_format`).
 
     >>> import jax, numpy as np
     >>> from ftjax.peft import build_method
@@ -32,9 +35,11 @@ later PEFT adds, is refused by name rather than ignored.
 (`model`, `params`: a tiny random Llama and its params, set up by
 tests/test_doctests.py.)
 
-PiSSA adapters only make sense on top of their residual base. `save_adapter`
-refuses them; `export_adapter` (given the base params) rewrites them as a
-rank-2r LoRA over the original weights first (see `pissa_to_lora`).
+PiSSA (and OLoRA) adapters only make sense on top of their residual base.
+`save_adapter` refuses them; `export_adapter` (given the base params) rewrites
+them as a rank-2r LoRA over the original weights first (see `pissa_to_lora`).
+`load_adapter` recomputes the residual of a file saved with
+`init_lora_weights` "pissa" or "olora", as PEFT's loader does.
 """
 
 from __future__ import annotations
@@ -52,9 +57,17 @@ from ftjax.models import safetensors_io
 from ftjax.models.config import ModelConfig
 from ftjax.models.hf import hf_name, stack_layers, unstack_layers
 from ftjax.models.registry import get_family
+from ftjax.peft import lora_fields, lora_fields_format
 from ftjax.peft.base import AdapterFormatError, PeftError, flatten_paths, is_leaf, path_str
 from ftjax.peft.dora import DoraWeight
-from ftjax.peft.lora import MERGED_MODES, LoraWeight, lora_scale, pissa_to_lora_leaf
+from ftjax.peft.lora import (
+    MERGED_MODES,
+    LoraWeight,
+    is_base_rewriting,
+    lora_scale,
+    pissa_to_lora_leaf,
+    rewriting_factors,
+)
 from ftjax.peft.methods import replace_leaves
 from ftjax.peft.targets import kernel_paths
 
@@ -125,12 +138,16 @@ def adapter_state(
     use_rslora: bool = False,
     target_modules=None,
     base_model_name_or_path: str | None = None,
+    trained=None,
 ) -> tuple[dict, dict[str, np.ndarray]]:
     """`(adapter_config, tensors)` for the LoRA/DoRA leaves of `params`.
 
-    `lora_alpha` defaults to the value that reproduces the leaves' scale
-    (`scale * r`, or `scale * sqrt(r)` with `use_rslora`); an explicit one must
-    agree with it. `target_modules` defaults to the adapted module names.
+    `lora_alpha` defaults to the most common value that reproduces the
+    leaves' scales (`scale * r`, or `scale * sqrt(r)` with `use_rslora`); an
+    explicit one must be some leaf's. Leaves of other ranks or alphas are
+    written as `rank_pattern` / `alpha_pattern`. `target_modules` defaults to
+    the adapted module names. `trained`: the method's options, for the biases
+    and modules to save it trains (`bias`, `modules_to_save`).
     """
     params = _unstacked(cfg, params)
     leaves = [(p, x) for p, x in flatten_paths(params) if isinstance(x, LoraWeight)]
@@ -139,20 +156,24 @@ def adapter_state(
     for path, leaf in leaves:
         if leaf.rewrites_base:
             raise AdapterFormatError(_pissa_refusal(f"params: {path}"))
-    kinds = {(x.rank, x.scale, isinstance(x, DoraWeight), x.dropout) for _, x in leaves}
+    kinds = {(isinstance(x, DoraWeight), x.dropout) for _, x in leaves}
     if len(kinds) > 1:
         raise AdapterFormatError(
-            "params: adapters differ in rank, scale, DoRA or dropout "
-            f"({sorted(kinds)[:3]}); PEFT's rank_pattern/alpha_pattern are not written"
+            f"params: adapters differ in DoRA or dropout ({sorted(kinds)[:3]}); a PEFT LoraConfig "
+            "has one use_dora and one lora_dropout"
         )
-    rank, scale, use_dora, rate = kinds.pop()
-    if lora_alpha is None:
-        lora_alpha = scale * (math.sqrt(rank) if use_rslora else rank)
-    elif not math.isclose(lora_scale(lora_alpha, rank, use_rslora), scale, rel_tol=1e-6):
+    use_dora, rate = kinds.pop()
+    if lora_alpha is not None and not any(
+        math.isclose(lora_scale(lora_alpha, x.rank, use_rslora), x.scale, rel_tol=1e-6)
+        for _, x in leaves
+    ):
+        rank, scale = leaves[0][1].rank, leaves[0][1].scale
         raise AdapterFormatError(
             f"lora_alpha: {lora_alpha} with r={rank}, use_rslora={use_rslora} gives scale "
             f"{lora_scale(lora_alpha, rank, use_rslora)}, but the adapters use {scale}"
         )
+    root = math.sqrt if use_rslora else float
+    sizes = {_module(cfg, p): (x.rank, x.scale * root(x.rank)) for p, x in leaves}
     tensors: dict[str, np.ndarray] = {}
     adapted = []
     for path, leaf in leaves:
@@ -165,33 +186,37 @@ def adapter_state(
     if target_modules is None:
         others = [m for m in (_module(cfg, p) for p in kernel_paths(params)) if m not in adapted]
         target_modules = _minimal_targets(adapted, others)
+    extra_config, extra_tensors = {"bias": "none", "modules_to_save": None}, {}
+    if trained is not None:
+        extra_config, extra_tensors = lora_fields_format.extra_state(cfg, params, trained)
     config = {
         "peft_type": "LORA",
         "task_type": "CAUSAL_LM",
         "base_model_name_or_path": base_model_name_or_path,
-        "r": int(rank),
-        "lora_alpha": float(lora_alpha),
+        **lora_fields_format.pattern_config(sizes, lora_alpha),
         "lora_dropout": float(rate),
         "target_modules": target_modules,
         "use_rslora": bool(use_rslora),
         "use_dora": bool(use_dora),
         "init_lora_weights": True,
-        "bias": "none",
         # GPT-2's Conv1D stores (in, out); PEFT must know to transpose its delta.
         "fan_in_fan_out": get_family(cfg.model_type).fan_in_fan_out,
-        "modules_to_save": None,
-        "rank_pattern": {},
-        "alpha_pattern": {},
         "inference_mode": True,
+        **extra_config,
     }
-    return config, tensors
+    return config, {**tensors, **extra_tensors}
 
 
-def _group(tensors: dict, source: str) -> dict[str, dict[str, np.ndarray]]:
-    """{module: {"a"|"b"|"m": tensor}} from PEFT keys; refuses keys it cannot place."""
+def _group(tensors: dict, source: str, extras: dict | None = None):
+    """{module: {"a"|"b"|"m": tensor}} from PEFT keys. Other keys go to
+    `extras` (biases, modules to save: `_validate` checks them) when given,
+    and are refused otherwise."""
     modules: dict[str, dict[str, np.ndarray]] = {}
     for key, value in tensors.items():
         suffix = next((s for s in _SUFFIXES if key.endswith(s)), None)
+        if key.startswith(PREFIX) and suffix is None and extras is not None:
+            extras[key] = value
+            continue
         if not key.startswith(PREFIX) or suffix is None:
             raise AdapterFormatError(
                 f"{source}: tensor {key!r} is not a LoRA/DoRA tensor of a linear layer "
@@ -202,18 +227,25 @@ def _group(tensors: dict, source: str) -> dict[str, dict[str, np.ndarray]]:
     return modules
 
 
-def _validate(config: dict, modules: dict, source: str):
+def _selection(config: dict) -> str:
+    """How the config selects modules, for an error line."""
+    out = f"target_modules={config['target_modules']!r}"
+    for field in ("exclude_modules", "modules_to_save", "layers_to_transform", "layers_pattern"):
+        if config.get(field) not in (None, [], ""):
+            out += f", {field}={config[field]!r}"
+    return out
+
+
+def _validate(config: dict, modules: dict, source: str, extras: dict | None = None):
     for field in ("r", "lora_alpha", "target_modules"):
         if config.get(field) is None:
             raise AdapterFormatError(f"{source}: adapter_config.json lacks {field!r}")
-    rank, use_dora = config["r"], bool(config.get("use_dora", False))
-    targets, excluded = config["target_modules"], config.get("exclude_modules")
+    use_dora = bool(config.get("use_dora", False))
     for module, parts in sorted(modules.items()):
-        if not peft_targets_match(module, targets, excluded):
+        if not lora_fields.peft_adapts(module, config):
             raise AdapterFormatError(
-                f"{source}: module {module!r} has tensors but target_modules={targets!r}"
-                + (f", exclude_modules={excluded!r}" if excluded else "")
-                + " does not select it (PEFT would silently drop them)"
+                f"{source}: module {module!r} has tensors but {_selection(config)} does not "
+                "select it (PEFT would silently drop them)"
             )
         if "m" in parts and not use_dora:
             raise AdapterFormatError(
@@ -226,16 +258,36 @@ def _validate(config: dict, modules: dict, source: str):
             )
         if "a" not in parts or "b" not in parts:
             raise AdapterFormatError(f"{source}: module {module!r} lacks lora_A or lora_B")
+        rank = lora_fields.pattern_value(config.get("rank_pattern"), module, config["r"])
         if parts["a"].shape[0] != rank or parts["b"].shape[-1] != rank:
             raise AdapterFormatError(
                 f"{source}: module {module!r} has lora_A {tuple(parts['a'].shape)} and lora_B "
-                f"{tuple(parts['b'].shape)}, but r={rank} (rank_pattern is not supported)"
+                f"{tuple(parts['b'].shape)}, but its rank is {rank} (r={config['r']}, "
+                f"rank_pattern={config.get('rank_pattern') or {}!r})"
+            )
+    bias, save = config.get("bias") or "none", config.get("modules_to_save") or []
+    for key in sorted(extras or {}):
+        name = key[len(PREFIX) :]
+        if name.endswith(".base_layer.bias"):
+            ok = bias != "none" and name[: -len(".base_layer.bias")] in modules
+        else:
+            module = name.rsplit(".", 1)[0]
+            ok = (
+                lora_fields.saved_by_peft(module, save)
+                or (bias == "all" and name.endswith(".bias"))
+                or (config.get("ensure_weight_tying") and bool(save))
+            )  # PEFT's tied head copy
+        if not ok:
+            raise AdapterFormatError(
+                f"{source}: tensor {key!r} is neither a LoRA tensor, a bias that bias={bias!r} "
+                f"saves, nor in modules_to_save={save or None!r} (PEFT would not load it as meant)"
             )
 
 
 def write_adapter(out_dir: str, config: dict, tensors: dict[str, np.ndarray]) -> None:
     """Writes the two files after checking that PEFT will read them as meant."""
-    _validate(config, _group(tensors, out_dir), out_dir)
+    extras: dict = {}
+    _validate(config, _group(tensors, out_dir, extras), out_dir, extras)
     write_files(out_dir, config, tensors)
 
 
@@ -249,7 +301,8 @@ def write_files(out_dir: str, config: dict, tensors: dict[str, np.ndarray]) -> N
 
 def _pissa_refusal(where: str) -> str:
     return (
-        f"{where} is a PiSSA adapter: its frozen kernel is the residual W - s*a0@b0, so PEFT "
+        f"{where} is a PiSSA adapter (or OLoRA: an init that rewrites the base): its frozen "
+        "kernel is the residual W - s*a0@b0, so PEFT "
         "would apply a and b to the wrong base; export it with peft.export_adapter(cfg, params, "
         "dir, method=..., initial=base_params), or convert it first with peft.pissa_to_lora"
     )
@@ -291,7 +344,8 @@ def save_adapter(cfg: ModelConfig, params, out_dir: str, *, method=None, **optio
 
     `method` (a method config or `Method`) supplies `lora_alpha` and
     `use_rslora` as configured; `options` go to `adapter_state` (lora_alpha,
-    use_rslora, target_modules, base_model_name_or_path). Returns the config.
+    use_rslora, target_modules, base_model_name_or_path, trained: the method's
+    options, whose `bias` and `modules_to_save` are saved too). Returns the config.
     PiSSA leaves are refused (see `export_adapter`). IA3, VeRA, LoHa and LoKr
     leaves are written in PEFT's layout for them (`OTHER_FORMATS`).
 
@@ -304,18 +358,24 @@ def save_adapter(cfg: ModelConfig, params, out_dir: str, *, method=None, **optio
         return other.save_adapter(cfg, params, out_dir, **options)
     if method is not None:
         opts = _method_options(method)
-        if opts.get("init") == "pissa" and any(
-            isinstance(x, LoraWeight) and x.rank == opts.get("rank")
-            for _, x in flatten_paths(params)
+        if (
+            is_base_rewriting(opts.get("init"))
+            and not opts.get("rank_pattern")
+            and any(
+                isinstance(x, LoraWeight) and x.rank == opts.get("rank")
+                for _, x in flatten_paths(params)
+            )
         ):
             # Also catches leaves that lost their marker (a rank-r leaf of a
             # PiSSA run is unconverted; converted ones have rank 2r).
             raise AdapterFormatError(
-                _pissa_refusal(f"params (method init 'pissa', rank {opts['rank']})")
+                _pissa_refusal(f"params (method init {opts['init']!r}, rank {opts['rank']})")
             )
         if "alpha" in opts:
             options.setdefault("lora_alpha", float(opts["alpha"]))
             options.setdefault("use_rslora", bool(opts.get("rslora", False)))
+        if "bias" in opts or "modules_to_save" in opts:
+            options.setdefault("trained", opts)
     config, tensors = adapter_state(cfg, params, **options)
     write_adapter(out_dir, config, tensors)
     return config
@@ -344,7 +404,10 @@ def export_adapter(
         params = pissa_to_lora(params, initial)
         if method is not None:
             # The converted rank is 2r: alpha follows from the unchanged scale.
-            options.setdefault("use_rslora", bool(_method_options(method).get("rslora", False)))
+            opts = _method_options(method)
+            options.setdefault("use_rslora", bool(opts.get("rslora", False)))
+            if "bias" in opts or "modules_to_save" in opts:
+                options.setdefault("trained", opts)
             method = None
     return save_adapter(cfg, params, out_dir, method=method, **options)
 
@@ -383,11 +446,29 @@ _BOOKKEEPING = [
     *"""runtime_config megatron_core qalora_group_size
     ensure_weight_tying loftq_config eva_config corda_config lora_ga_config""".split(),
 ]
-# Features ftjax does not implement, accepted only at their off value:
-_OFF = """rank_pattern alpha_pattern modules_to_save layers_to_transform layers_pattern
-    megatron_config trainable_token_indices velora_config alora_invocation_tokens
-    monteclora_config layer_replication target_parameters use_bdlora arrow_config
-    kasa_config bias lora_bias use_qalora""".split()
+# Features ftjax does not implement, accepted only at their off value, and why:
+_OFF = {
+    "megatron_config": "Megatron-LM parallel linear layers are PyTorch-side",
+    "trainable_token_indices": "trainable rows of the embedding (TrainableTokens) are not implemented",
+    "velora_config": "the VeLoRA variant is not implemented",
+    "alora_invocation_tokens": "activated LoRA (adapter on only after invocation tokens) is not "
+    "implemented",
+    "monteclora_config": "the MonteCLoRA variant is not implemented",
+    "layer_replication": "replicated decoder layers change the model's depth",
+    "target_parameters": "LoRA on bare nn.Parameters (MoE experts) is not implemented",
+    "use_bdlora": "block-diagonal LoRA is not implemented",
+    "arrow_config": "Arrow routing among adapters is not implemented",
+    "kasa_config": "the KaSA variant (SVD-truncated base) is not implemented",
+    "lora_bias": "a trainable bias on lora_B is not implemented",
+    "use_qalora": "QALoRA's pooled input is not implemented",
+}
+# LoraConfig fields that LoRA's importer implements (`ftjax.peft.lora_fields`)
+# beyond plain LoRA. Formats that reuse CONFIG_FIELDS for LoraConfig's fields
+# (AdaLoRA) get them at their off value only; LoRA reads `LORA_CONFIG_FIELDS`.
+LORA_FIELDS = (
+    "rank_pattern", "alpha_pattern", "bias", "modules_to_save", "layers_to_transform",
+    "layers_pattern",
+)  # fmt: skip
 
 
 def _off(v) -> bool:
@@ -426,7 +507,58 @@ CONFIG_FIELDS = {
     # PEFT sets it per layer type itself (Conv1D or Linear); the tensors' layout is the same.
     "fan_in_fan_out": (lambda v: isinstance(v, bool), "a bool"),
     **{field: (lambda v: True, "anything") for field in _BOOKKEEPING},
-    **{field: (_off, "null, false, empty or 'none'") for field in _OFF},
+    **{field: (_off, f"null, false or empty: {why}") for field, why in _OFF.items()},
+    **{field: (_off, "null, false, empty or 'none'") for field in LORA_FIELDS},
+}
+
+
+def _mapping(value_ok):
+    return lambda v: (
+        v is None
+        or (isinstance(v, dict) and all(isinstance(k, str) and value_ok(x) for k, x in v.items()))
+    )
+
+
+def _layers(v) -> bool:
+    return v is None or (_is_int(v) and v >= 0) or (
+        isinstance(v, list) and all(_is_int(i) and i >= 0 for i in v)
+    )  # fmt: skip
+
+
+# Base-rewriting inits whose base ftjax recomputes from the checkpoint exactly
+# as PEFT's loader does (`ftjax.peft.lora.rewriting_factors`).
+RECOMPUTED_INITS = ("pissa", "olora")
+# LoRA's own allow-list: CONFIG_FIELDS with LORA_FIELDS implemented. Every
+# LoraConfig field is then implemented here, bookkeeping (_BOOKKEEPING) or
+# refused unless off with its reason (_OFF); tests/test_peft_lora_fields.py
+# checks that the three cover peft.LoraConfig.
+LORA_CONFIG_FIELDS = {
+    **CONFIG_FIELDS,
+    "rank_pattern": (_mapping(lambda x: _is_int(x) and x > 0), "null or {module regex: rank > 0}"),
+    "alpha_pattern": (
+        _mapping(lambda x: _is_int(x) or isinstance(x, float)),
+        "null or {module regex: alpha}",
+    ),  # fmt: skip
+    "bias": (lambda v: v in ("none", "lora_only", "all"), "'none', 'lora_only' or 'all'"),
+    "modules_to_save": (
+        lambda v: v is None or (isinstance(v, list) and _names(v)),
+        "null or a list of module names",
+    ),  # fmt: skip
+    "layers_to_transform": (_layers, "null, a layer index or a list of them"),
+    "layers_pattern": (lambda v: v is None or _names(v), "null or layer-stack names"),
+    "init_lora_weights": (
+        lambda v: _base_preserving(v) or v in RECOMPUTED_INITS,
+        "an init that leaves the base unchanged, or pissa / olora (recomputed)",
+    ),
+    "ensure_weight_tying": (lambda v: isinstance(v, bool), "a bool"),
+}
+# Why the other string inits are refused on import.
+_INIT_REFUSALS = {
+    "corda": "CorDA's residual base comes from calibration data",
+    "loftq": "LoftQ's base is a quantized residual fitted to the adapter",
+    "lora_ga": "LoRA-GA's residual base comes from gradients on calibration data",
+    "pissa_niter": "the randomized SVD's sketch (torch's RNG) cannot be reproduced, so neither can "
+    "the residual base",
 }
 
 
@@ -450,10 +582,13 @@ def check_config(config: dict, source: str, fields=None, kind: str = "LoraConfig
             # Weights saved under such an init are relative to a rewritten base
             # (PiSSA's residual, ...), not the checkpoint the user holds.
             accepted = ", ".join(json.dumps(k) for k in BASE_PRESERVING_INITS)
+            why = _INIT_REFUSALS.get("pissa_niter" if "_niter_" in value else value)
+            if why is None and value in RECOMPUTED_INITS:
+                why = "only LoRA's own importer recomputes its residual base"
             raise AdapterFormatError(
                 f"{source}: init_lora_weights={value!r} is not one of the inits that leave the "
                 f"base weights unchanged ({accepted}), so A and B may be relative to a rewritten "
-                "base; convert the adapter to plain LoRA first (PEFT: "
+                f"base{f' ({why})' if why else ''}; convert the adapter to plain LoRA first (PEFT: "
                 "save_pretrained(..., path_initial_model_for_weight_conversion=...))"
             )
         raise AdapterFormatError(
@@ -477,10 +612,12 @@ def load_adapter(cfg: ModelConfig, params, in_dir: str, *, compute: str = "auto"
     other = _other_format(peft_type=config.get("peft_type") if isinstance(config, dict) else None)
     if other is not None:
         return other.load_adapter(cfg, params, in_dir)
-    check_config(config, in_dir)
-    modules = _group(tensors, in_dir)
-    _validate(config, modules, in_dir)
-    scale = lora_scale(config["lora_alpha"], config["r"], bool(config.get("use_rslora", False)))
+    check_config(config, in_dir, LORA_CONFIG_FIELDS)
+    extras: dict = {}
+    modules = _group(tensors, in_dir, extras)
+    _validate(config, modules, in_dir, extras)
+    init = _recomputed_init(cfg, config, in_dir)
+    rslora = bool(config.get("use_rslora", False))
     rate = float(config.get("lora_dropout", 0.0) or 0.0) if compute not in MERGED_MODES else 0.0
     flat = _unstacked(cfg, params)
     by_module = {_module(cfg, p): p for p in kernel_paths(flat)}
@@ -501,13 +638,57 @@ def load_adapter(cfg: ModelConfig, params, in_dir: str, *, compute: str = "auto"
                 f"but the kernel is {tuple(w.shape)}"
             )
         a, b = jnp.asarray(a, dtype), jnp.asarray(b, dtype)
+        rank = a.shape[-1]
+        alpha = lora_fields.pattern_value(config.get("alpha_pattern"), module, config["lora_alpha"])
+        scale = lora_scale(alpha, rank, rslora)
+        if init is not None:
+            # PEFT's loader runs the init on the base before loading A and B.
+            w = rewriting_factors(init, w, rank, scale)[0]
         if "m" in parts:
             m = jnp.asarray(np.asarray(parts["m"]), dtype)
-            new[path] = DoraWeight(w, a, b, m, scale, rate, compute)
+            new[path] = DoraWeight(w, a, b, m, scale, rate, compute, init)
         else:
-            new[path] = LoraWeight(w, a, b, scale, rate, compute)
+            new[path] = LoraWeight(w, a, b, scale, rate, compute, init)
+    trained = lora_fields_format.load_extras(cfg, flat, config, extras, set(modules), in_dir)
+    new.update({p: jnp.asarray(x, kernels[p].dtype) for p, x in trained.items()})
     out = replace_leaves(flat, new)
-    return stack_layers(cfg, out) if cfg.scan_layers else out
+    if not cfg.scan_layers:
+        return out
+    _check_stackable(cfg, new, in_dir)
+    return stack_layers(cfg, out)
+
+
+def _recomputed_init(cfg: ModelConfig, config: dict, source: str):
+    """The base-rewriting init whose residual the importer recomputes, or None."""
+    init = config.get("init_lora_weights", True)
+    if init not in RECOMPUTED_INITS:
+        return None
+    if init == "olora" and get_family(cfg.model_type).fan_in_fan_out:
+        raise AdapterFormatError(
+            f"{source}: init_lora_weights='olora' on {cfg.model_type}'s Conv1D layers: PEFT's "
+            "OLoRA factors the (in, out) weight untransposed, which its own layers cannot apply"
+        )
+    return init
+
+
+def _check_stackable(cfg: ModelConfig, new: dict, source: str):
+    """Scanned params stack one leaf per layer: each adapted module needs an
+    adapter of one rank and scale in every layer."""
+    kinds: dict[str, list] = {}
+    for path, x in new.items():
+        where = lora_fields.layer_of(path)
+        if where[0] and is_leaf(x):
+            kind = re.sub(r"_\d+/", "/", path, count=1)
+            kinds.setdefault(kind, []).append(
+                (type(x).__name__, getattr(x, "rank", None), getattr(x, "scale", None))
+            )
+    for kind, found in sorted(kinds.items()):
+        if len(found) != cfg.num_layers or len(set(found)) > 1:
+            raise AdapterFormatError(
+                f"{source}: {kind} is adapted in {len(found)} of {cfg.num_layers} layers or with "
+                "different ranks or scales (layers_to_transform / rank_pattern), which a scanned "
+                "model's stacked kernel cannot hold; load it with scan_layers=False"
+            )
 
 
 def pissa_to_lora(params, initial):

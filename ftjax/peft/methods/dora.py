@@ -5,12 +5,12 @@ times the normalized adapted direction."""
 from __future__ import annotations
 
 from ftjax.peft.dora import from_lora
-from ftjax.peft.methods.lora import adapter_apply, lora_family_spec
+from ftjax.peft.methods.lora import adapter_apply, lora_family_spec, select_trained
 from ftjax.peft.registry import register
 
 
 def _build(opts):
-    return adapter_apply(opts, wrap=from_lora), (lambda paths: set())
+    return adapter_apply(opts, wrap=from_lora), select_trained(opts)
 
 
 SPEC = register(

@@ -10,18 +10,27 @@ LoRA: LoRA+ (Hayou et al., 2024), `loraplus_ratio`, trains `b` at that
 multiple of the learning rate (the paper recommends 16; the optimizer applies
 it, see `MethodSpec.lr_scales`); LoRA-FA (Zhang et al., 2023), `fa`, keeps
 `a` frozen at its random init so that only `b` trains (`LoraWeight.freeze_a`:
-`split` gives `a` no gradient and no optimizer state)."""
+`split` gives `a` no gradient and no optimizer state).
+
+PEFT's LoraConfig fields of the same names are options too, with PEFT's
+meaning (`ftjax.peft.lora_fields`): `rank_pattern` / `alpha_pattern` (module
+regex -> rank / alpha), `bias` (none | lora_only | all: those biases train),
+`modules_to_save` (modules that train in full, e.g. `lm_head`; never LoRA
+targets) and `layers_to_transform` / `layers_pattern` (only those decoder
+layers are adapted; refused on scanned layers, whose one stacked kernel holds
+every layer's adapter)."""
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
 
 import jax
 
+from ftjax.peft import lora_fields, tree
 from ftjax.peft import targets as targets_lib
-from ftjax.peft import tree
 from ftjax.peft.base import PeftError
-from ftjax.peft.lora import INITS, check_compute, init_lora, lora_scale
+from ftjax.peft.lora import INITS, check_compute, check_init, init_lora, lora_scale
 from ftjax.peft.registry import MethodSpec, Option, parse_bool, register, register_preset
 
 LORA_OPTIONS = {
@@ -35,6 +44,12 @@ LORA_OPTIONS = {
     "dtype": Option(None, str, "adapter dtype (default: the kernel's)"),
     "loraplus_ratio": Option(1.0, float, "LoRA+: b's learning rate / a's (paper: 16; 1 = off)"),
     "fa": Option(False, parse_bool, "LoRA-FA: a frozen at its init, only b trains"),
+    "rank_pattern": Option(None, json.loads, "module regex -> rank (PEFT's rank_pattern; JSON)"),
+    "alpha_pattern": Option(None, json.loads, "module regex -> alpha (PEFT's alpha_pattern; JSON)"),
+    "bias": Option("none", str, "none | lora_only | all: biases that train with the adapters"),
+    "modules_to_save": Option(None, str, "module name(s) that train in full, e.g. lm_head"),
+    "layers_to_transform": Option(None, json.loads, "decoder layer index or list to adapt"),
+    "layers_pattern": Option(None, str, "the layer stack's name (layers, h), as PEFT's"),
 }
 # Where a study starts LoRA-family methods: every linear layer, alpha = 2r,
 # and a learning rate 10x full tuning's, as in the LoRA and QLoRA papers.
@@ -47,8 +62,8 @@ def check_lora_options(opts):
         raise PeftError(f"method.rank: must be a positive integer, got {rank!r}")
     if not 0.0 <= float(opts["dropout"]) < 1.0:
         raise PeftError(f"method.dropout: must be in [0, 1), got {opts['dropout']!r}")
-    if opts["init"] not in INITS:
-        raise PeftError(f"method.init: {opts['init']!r} is not one of {', '.join(INITS)}")
+    check_init(opts["init"])
+    lora_fields.check_options(opts)
     check_compute(opts["compute"], float(opts["dropout"]))
     ratio = opts["loraplus_ratio"]
     if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not ratio > 0:
@@ -72,6 +87,14 @@ def describe_lora(opts) -> list[str]:
         parts.append(f"lora+{opts['loraplus_ratio']:g}")
     if opts.get("fa"):
         parts.append("fa")
+    if opts.get("rank_pattern") or opts.get("alpha_pattern"):
+        parts.append("patterns")
+    if opts.get("bias", "none") != "none":
+        parts.append(f"bias={opts['bias']}")
+    if opts.get("modules_to_save"):
+        parts.append("save=" + "+".join(lora_fields.as_list(opts["modules_to_save"])))
+    if opts.get("layers_to_transform") is not None:
+        parts.append(f"layers={opts['layers_to_transform']}")
     return parts
 
 
@@ -88,22 +111,22 @@ def adapter_apply(opts, wrap=None, quantized_spec=None, double_quant=True):
     W) is what gets quantized, as in the PiSSA paper's QPiSSA."""
     from ftjax.peft.quant import quantize_nf4
 
-    rank = opts["rank"]
-    scale = lora_scale(opts["alpha"], rank, opts["rslora"])
-
     def apply(params, rng):
-        paths = targets_lib.select(params, opts["targets"])
+        flat = dict(tree.flatten_paths(params))
+        lora_fields.saved_paths(flat, opts)  # names that match nothing are refused here
+        planned = lora_fields.plan(targets_lib.select(params, opts["targets"]), flat, opts)
+        paths = [p for p, _, _ in planned]
         quantized = set()
         if quantized_spec is not None:
             quantized = set(targets_lib.select(params, quantized_spec, field="method.quantize"))
-        flat = dict(tree.flatten_paths(params))
+            _check_bias_with_quantized(opts, quantized - set(paths), flat)
         new = {}
-        for i, path in enumerate(paths):
+        for i, (path, rank, alpha) in enumerate(planned):
             leaf = init_lora(
                 jax.random.fold_in(rng, i),
                 flat[path],
                 rank,
-                scale=scale,
+                scale=lora_scale(alpha, rank, opts["rslora"]),
                 init=opts["init"],
                 dropout=float(opts["dropout"]),
                 compute=opts["compute"],
@@ -121,6 +144,25 @@ def adapter_apply(opts, wrap=None, quantized_spec=None, double_quant=True):
     return apply
 
 
+def _check_bias_with_quantized(opts, quantized_only, flat):
+    # A selector sees plain paths only: an NF4 kernel without an adapter would
+    # look adapted, and its bias would train under "lora_only".
+    if opts.get("bias", "none") != "lora_only":
+        return
+    clash = [p for p in quantized_only if p[: -len("kernel")] + "bias" in flat]
+    if clash:
+        raise PeftError(
+            f"method.bias: 'lora_only' with kernels quantized but not adapted ({clash[0]}); "
+            "set quantize to the targets, or bias to 'none' or 'all'"
+        )
+
+
+def select_trained(opts):
+    """The selector of a LoRA-family method: the plain parameters that train
+    besides the adapters (`bias`, `modules_to_save`; none by default)."""
+    return lambda paths: lora_fields.trained_plain(paths, opts)
+
+
 def export_adapter(model_cfg, params, out_dir, opts, initial=None) -> dict:
     """HF PEFT adapter files (`ftjax.peft.peft_format.export_adapter`); PiSSA
     leaves are rewritten as a LoRA over `initial`, the original base."""
@@ -130,7 +172,7 @@ def export_adapter(model_cfg, params, out_dir, opts, initial=None) -> dict:
 
 
 def _build(opts):
-    return adapter_apply(opts), (lambda paths: set())
+    return adapter_apply(opts), select_trained(opts)
 
 
 def lora_family_spec(name: str, build, options=LORA_OPTIONS, doc: str = "") -> MethodSpec:

@@ -5,7 +5,12 @@ which kernels' bases become NF4 (default all linear layers);
 
 from __future__ import annotations
 
-from ftjax.peft.methods.lora import LORA_OPTIONS, adapter_apply, lora_family_spec
+from ftjax.peft.methods.lora import (
+    LORA_OPTIONS,
+    adapter_apply,
+    lora_family_spec,
+    select_trained,
+)
 from ftjax.peft.registry import Option, parse_bool, register
 
 OPTIONS = {
@@ -18,7 +23,7 @@ OPTIONS = {
 
 def _build(opts):
     apply = adapter_apply(opts, quantized_spec=opts["quantize"], double_quant=opts["double_quant"])
-    return apply, (lambda paths: set())
+    return apply, select_trained(opts)
 
 
 SPEC = register(lora_family_spec("qlora", _build, OPTIONS, doc="LoRA over an NF4-quantized base"))
