@@ -87,6 +87,11 @@ SETTINGS = {
         {"name": "lokr", "rank": 8},
         _per_layer(lambda i, o: _lokr(i, o, 8), QV),
     ),
+    "oft": (
+        "OFT b=32, q+v (in/32 blocks, each 32·31/2 packed skew entries)",
+        {"name": "oft"},
+        _per_layer(lambda i, o: (i // 32) * (32 * 31 // 2), QV),
+    ),
     "adalora": (
         "AdaLoRA init_r=12, q+v (A, E, B: r (in + out + 1); ranknum is a buffer)",
         {"name": "adalora"},
