@@ -41,6 +41,8 @@ MODULES = [
     "ftjax.experiment",
     "ftjax.models.hf",
     "ftjax.models.registry",
+    "ftjax.peft.adalora",
+    "ftjax.peft.adalora_allocator",
     "ftjax.peft.dora",
     "ftjax.peft.ia3",
     "ftjax.peft.loha",

@@ -1,5 +1,6 @@
 """Parameter-efficient fine-tuning as parameter-pytree transforms."""
 
+from ftjax.peft.adalora import AdaLoraWeight, init_adalora
 from ftjax.peft.base import (
     AdapterFormatError,
     PeftError,
@@ -39,6 +40,7 @@ from ftjax.peft.tree import (
 from ftjax.peft.vera import VeraWeight, init_vera
 
 __all__ = [
+    "AdaLoraWeight",
     "DEFAULTS",
     "NF4_LEVELS",
     "PRESET_NAMES",
@@ -66,6 +68,7 @@ __all__ = [
     "from_lora",
     "has_adapters",
     "build_method",
+    "init_adalora",
     "init_dora",
     "init_ia3",
     "init_loha",

@@ -316,6 +316,7 @@ def _method_options(method) -> dict:
 # PEFT types with a layout of their own: peft_type -> the ftjax.peft module that
 # writes (for its `LEAF_TYPES`) and reads them.
 OTHER_FORMATS = {
+    "ADALORA": "adalora_format",
     "IA3": "ia3_format",
     "VERA": "vera_format",
     "LOHA": "lycoris_format",

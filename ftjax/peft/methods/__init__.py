@@ -30,6 +30,8 @@
 - `oft`: a block-diagonal orthogonal rotation (Cayley transform of trainable
   skew-symmetric blocks) of each kernel's input side (block_size or rank,
   block_share, cayley_neumann, neumann_terms, coft, eps, targets, dtype).
+- `adalora`: SVD-form updates whose ranks an importance-driven allocator prunes
+  from init_r to target_r on average (schedule options as PEFT's AdaLoraConfig).
 - `bitfit`: the biases train (and the norm scales, in a model without biases).
 - `freeze`: only the parameters matching the regex `trainable` train, and/or
   those of the last `last_layers` decoder layers (unscanned params only).
@@ -41,6 +43,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from ftjax.peft.methods import (  # noqa: F401  (registers)
+    adalora,
     bitfit,
     dora,
     freeze,
