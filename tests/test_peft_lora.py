@@ -136,7 +136,7 @@ def test_pissa_marker_and_conversion_to_plain_lora(base):
     stacked = stack_layers(CFG, trained)["model"]["layers"]["self_attn"]["q_proj"]["kernel"]
     assert stacked.init == "pissa"
     with pytest.raises(peft.PeftError, match="LoraWeight.init"):
-        peft.LoraWeight(leaf.w, leaf.a, leaf.b, init="olora")
+        peft.LoraWeight(leaf.w, leaf.a, leaf.b, init="loftq")  # olora, pissa_niter_<k> are valid
     # [a, a0] @ [b; -b0] over W, from the initial leaf or from W itself.
     w = params["model"]["layers_0"]["self_attn"]["q_proj"]["kernel"]
     start = initial["model"]["layers_0"]["self_attn"]["q_proj"]["kernel"]
