@@ -255,6 +255,9 @@ def test_closed_form_counts():
     assert count(LLAMA, {**qv, "rank_pattern": {"v_proj": 2}}) == n * (4 * (d + d) + 2 * (d + kv))
     per_layer = {"rank_pattern": {r"model\.layers\.0\.self_attn\.q_proj": 1}}
     assert count(LLAMA, {**qv, **per_layer}) == (1 + 4) * (d + d) + n * 4 * (d + kv)
+    # As JSON text, the form a ConfigDict can hold (it refuses dotted keys).
+    text = {"rank_pattern": json.dumps(per_layer["rank_pattern"])}
+    assert count(LLAMA, {**qv, **text}) == count(LLAMA, {**qv, **per_layer})
     assert count(LLAMA, {**qv, "modules_to_save": "lm_head"}) == count(LLAMA, qv) + d * vocab
     assert count(LLAMA, {**qv, "layers_to_transform": [1]}) == count(LLAMA, qv) // n
     mlp = {"rank": 2, "alpha": 4, "targets": "mlp", "modules_to_save": ["down_proj"]}

@@ -29,6 +29,7 @@ PEFT's rules.
 
 from __future__ import annotations
 
+import json
 import re
 from collections.abc import Mapping, Sequence
 
@@ -136,14 +137,28 @@ def peft_adapts(module: str, config: Mapping) -> bool:
 # ----------------------------------------------------------------------------- method options
 
 
+def as_pattern(value, field: str) -> dict:
+    """A rank/alpha pattern as a dict: given as a mapping, or as its JSON text
+    (the form a config keeps: `ml_collections.ConfigDict` refuses dotted keys
+    such as `model\\.layers\\.0\\.self_attn\\.q_proj`)."""
+    if value is None:
+        return {}
+    if isinstance(value, str):
+        try:
+            value = json.loads(value)
+        except json.JSONDecodeError as e:
+            raise PeftError(f"method.{field}: not JSON ({e}): {value!r}") from None
+    if not isinstance(value, Mapping):
+        raise PeftError(
+            f"method.{field}: expected a mapping of module regex -> value, got {value!r}"
+        )
+    return dict(value)
+
+
 def check_options(opts) -> None:
     """The checks of the LoRA options this module implements (one line each)."""
     for field in ("rank_pattern", "alpha_pattern"):
-        pattern = opts.get(field) or {}
-        if not isinstance(pattern, Mapping):
-            raise PeftError(
-                f"method.{field}: expected a mapping of module regex -> value, got {pattern!r}"
-            )
+        pattern = as_pattern(opts.get(field), field)
         for key, value in pattern.items():
             ok = isinstance(value, (int, float)) and not isinstance(value, bool)
             if field == "rank_pattern":
@@ -234,6 +249,8 @@ def plan(paths: Sequence[str], flat: Mapping, opts) -> list[tuple[str, int, floa
     if isinstance(layers, int):
         layers = [layers]
     stack_name = opts.get("layers_pattern")
+    ranks = as_pattern(opts.get("rank_pattern"), "rank_pattern")
+    alphas = as_pattern(opts.get("alpha_pattern"), "alpha_pattern")
     out = []
     for path in paths:
         in_stack, index = layer_of(path)
@@ -254,10 +271,9 @@ def plan(paths: Sequence[str], flat: Mapping, opts) -> list[tuple[str, int, floa
         if save and any(suffix_match(m, save) for m in names):
             continue
         values = {
-            (pattern_value(opts.get("rank_pattern"), m, opts["rank"]),
-             float(pattern_value(opts.get("alpha_pattern"), m, opts["alpha"])))
+            (pattern_value(ranks, m, opts["rank"]), float(pattern_value(alphas, m, opts["alpha"])))
             for m in names
-        }  # fmt: skip
+        }
         if len(values) > 1:
             raise PeftError(
                 f"method.rank_pattern: gives the layers of the stacked {path} different ranks or "

@@ -44,8 +44,9 @@ LORA_OPTIONS = {
     "dtype": Option(None, str, "adapter dtype (default: the kernel's)"),
     "loraplus_ratio": Option(1.0, float, "LoRA+: b's learning rate / a's (paper: 16; 1 = off)"),
     "fa": Option(False, parse_bool, "LoRA-FA: a frozen at its init, only b trains"),
-    "rank_pattern": Option(None, json.loads, "module regex -> rank (PEFT's rank_pattern; JSON)"),
-    "alpha_pattern": Option(None, json.loads, "module regex -> alpha (PEFT's alpha_pattern; JSON)"),
+    # Kept as JSON text in configs (a ConfigDict refuses dotted keys).
+    "rank_pattern": Option(None, str, "module regex -> rank (PEFT's rank_pattern; a dict or JSON)"),
+    "alpha_pattern": Option(None, str, "module regex -> alpha (a dict or JSON)"),
     "bias": Option("none", str, "none | lora_only | all: biases that train with the adapters"),
     "modules_to_save": Option(None, str, "module name(s) that train in full, e.g. lm_head"),
     "layers_to_transform": Option(None, json.loads, "decoder layer index or list to adapt"),
