@@ -367,6 +367,7 @@ def test_quick_run_with_lm_head_and_biases_exports_for_peft(tmp_path):
 
     from ftjax.models import save_pretrained
     from ftjax.train import train
+    from ftjax.train.restore import restore_run
 
     spec = importlib.util.spec_from_file_location(
         "quick_train_config", os.path.join(ROOT, "experiments", "quick", "train.py")
@@ -385,6 +386,12 @@ def test_quick_run_with_lm_head_and_biases_exports_for_peft(tmp_path):
         assert np.abs(np.asarray(trained[path]) - np.asarray(base[path])).max() > 0, path
     mlp = "model/layers_1/mlp/up_proj/kernel"
     np.testing.assert_array_equal(np.asarray(trained[mlp].w), np.asarray(base[mlp]))
+    # The checkpoint holds the fully trained modules and biases too.
+    _, restored, _, step = restore_run(cfg, str(tmp_path / "run"))
+    assert step == 4
+    for path, x in flatten_paths(restored):
+        if not peft.is_leaf(x):
+            np.testing.assert_array_equal(np.asarray(x), np.asarray(trained[path]), err_msg=path)
     with open(tmp_path / "run" / "adapter" / "adapter_config.json") as f:
         written = json.load(f)
     assert written["modules_to_save"] == ["lm_head"] and written["bias"] == "lora_only"
