@@ -9,7 +9,10 @@ rows. Rotary / learned positions are the count of real tokens before each
 token, so a row's padding does not shift its positions.
 
 The params are an ordinary jit argument: plain arrays, adapter leaves (LoRA,
-quantized, ...) and merged params all work unchanged.
+quantized, ...) and merged params all work unchanged. Virtual tokens (prompt
+and prefix tuning, `ftjax.models.decoder`) too: the prefill puts prompt
+tuning's tokens in the cache, which is sized for them, and positions stay
+counts of real tokens (the model shifts them past the virtual ones).
 
 In the examples, `model` and `params` are a tiny random Llama and `tok` its
 character tokenizer (set up by tests/test_doctests.py).
@@ -27,6 +30,7 @@ import numpy as np
 
 from ftjax.errors import ConfigError
 from ftjax.models import init_kv_cache
+from ftjax.models.decoder import cached_virtual_length, virtual_length
 
 
 class GenerationOutput(NamedTuple):
@@ -108,7 +112,7 @@ def _generate(
     choose = functools.partial(
         choose_tokens, greedy=greedy, temperature=temperature, top_k=top_k, top_p=top_p
     )
-    cache = init_kv_cache(model.cfg, b, width + buffer)
+    cache = init_kv_cache(model.cfg, b, cached_virtual_length(params) + width + buffer)
     positions = jnp.maximum(jnp.cumsum(mask, axis=-1) - 1, 0)
     logits, cache = model.apply(
         {"params": params}, ids, attention_mask=mask, positions=positions, cache=cache
@@ -186,10 +190,12 @@ def generate(
     ids, mask = left_pad(prompts, pad_id, pad_to_multiple, min_prompt_width)
     context = max_length or model.cfg.max_position_embeddings
     longest = max(len(p) for p in prompts)
-    if longest + max_new_tokens > context:
+    virtual = virtual_length(params)
+    if virtual + longest + max_new_tokens > context:
+        extra = f" after {virtual} virtual tokens" if virtual else ""
         raise ConfigError(
             f"generation request too long: prompt of {longest} tokens + {max_new_tokens} new "
-            f"tokens exceeds the model's context of {context} tokens"
+            f"tokens{extra} exceeds the model's context of {context} tokens"
         )
     if isinstance(rng, int):
         rng = jax.random.key(rng)

@@ -23,6 +23,7 @@ import numpy as np
 from ftjax.errors import ModelError
 from ftjax.models import layers, safetensors_io
 from ftjax.models.config import ModelConfig
+from ftjax.models.decoder import KV_PREFIX, VIRTUAL_TOKENS
 from ftjax.models.registry import build_model, get_family, layers_prefix, model_types
 
 log = logging.getLogger(__name__)
@@ -185,6 +186,12 @@ def params_from_tensors(cfg: ModelConfig, tensors: dict, source: str) -> dict:
 
 def tensors_from_params(cfg: ModelConfig, params: dict) -> dict[str, np.ndarray]:
     """HF-named numpy tensors; adapter/quantized leaves are materialized."""
+    virtual = [k for k in (VIRTUAL_TOKENS, KV_PREFIX) if k in params]
+    if virtual:
+        raise ModelError(
+            f"params[{virtual[0]!r}]: virtual tokens (prompt or prefix tuning) cannot be merged "
+            "into a checkpoint's weights; export the adapter instead (peft.save_adapter)"
+        )
     params = layers.materialize_params(unstack_layers(cfg, params))
     out = {}
     flat_cfg = cfg.replace(scan_layers=False)

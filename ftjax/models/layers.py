@@ -288,13 +288,25 @@ def attention_mask(
 
 def update_kv_cache(layer_cache, k, v, index):
     """Writes this step's keys/values at `index` of a preallocated per-layer cache
-    and returns the full cached k/v to attend over (or k/v themselves without one)."""
+    and returns the full cached k/v to attend over (or k/v themselves without one).
+
+    `layer_cache` may also (or only) hold `"prefix"`: this layer's (2, n,
+    kv_heads, head_dim) keys and values of prefix tuning, put before the
+    returned k/v and never written to the cache (`decoder.read_virtual`)."""
     if layer_cache is None:
         return k, v, None
-    ck = jax.lax.dynamic_update_slice(
-        layer_cache["k"], k.astype(layer_cache["k"].dtype), (0, index, 0, 0)
-    )
-    cv = jax.lax.dynamic_update_slice(
-        layer_cache["v"], v.astype(layer_cache["v"].dtype), (0, index, 0, 0)
-    )
-    return ck.astype(k.dtype), cv.astype(v.dtype), {"k": ck, "v": cv}
+    new = None
+    if "k" in layer_cache:
+        ck = jax.lax.dynamic_update_slice(
+            layer_cache["k"], k.astype(layer_cache["k"].dtype), (0, index, 0, 0)
+        )
+        cv = jax.lax.dynamic_update_slice(
+            layer_cache["v"], v.astype(layer_cache["v"].dtype), (0, index, 0, 0)
+        )
+        k, v, new = ck.astype(k.dtype), cv.astype(v.dtype), {"k": ck, "v": cv}
+    prefix = layer_cache.get("prefix")
+    if prefix is not None:
+        shape = (k.shape[0],) + prefix.shape[1:]
+        k = jnp.concatenate([jnp.broadcast_to(prefix[0].astype(k.dtype), shape), k], axis=1)
+        v = jnp.concatenate([jnp.broadcast_to(prefix[1].astype(v.dtype), shape), v], axis=1)
+    return k, v, new

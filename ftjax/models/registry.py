@@ -93,6 +93,17 @@ class FamilySpec:
     A family that sets them promises that its module takes `return_hidden=True`
     (without a cache) and then returns the final hidden states, after the final
     norm and before the head; `ftjax.models.head_logits` applies the head.
+
+    Virtual tokens (prompt and prefix tuning, `ftjax.models.decoder`):
+    - `kv_width(layer_params) -> int`: the width of one layer's keys
+      (kv heads x head size) read off that layer's params, which is what a
+      key/value prefix is sized by. A family that sets it promises that its
+      module reads `decoder.read_virtual(self)` into `decoder_inputs`,
+      prepends `decoder.prepend_virtual` to its input embeddings (before
+      learned positions are added) and runs `apply_layers` and
+      `causal_lm_outputs`: then the virtual-token params of
+      `decoder.VIRTUAL_TOKENS` / `decoder.KV_PREFIX` work in every call,
+      cached decoding included. None: the family takes neither.
     """
 
     name: str
@@ -111,6 +122,7 @@ class FamilySpec:
     check: Callable[[ModelConfig], None] | None = None
     head_kernel: tuple[str, ...] | None = None
     tied_embedding: tuple[str, ...] | None = None
+    kv_width: Callable[[Mapping[str, Any]], int] | None = None
 
     def __post_init__(self):
         if not self.model_types or not all(isinstance(t, str) and t for t in self.model_types):
@@ -129,6 +141,11 @@ class FamilySpec:
         """Whether the module can return its final hidden states (and so the
         loss can apply the head chunk by chunk)."""
         return self.head_kernel is not None or self.tied_embedding is not None
+
+    @property
+    def takes_virtual_tokens(self) -> bool:
+        """Whether the module honours prompt-tuning tokens and key/value prefixes."""
+        return self.kv_width is not None
 
     @property
     def fan_in_fan_out(self) -> bool:

@@ -25,6 +25,7 @@ from ftjax.peft.peft_format import (
     save_adapter,
     write_adapter,
 )
+from ftjax.peft.prompt import PrefixMlpWeight, PromptWeight
 from ftjax.peft.quant import NF4_LEVELS, NF4Weight, dequantize_nf4, quantize_nf4
 from ftjax.peft.targets import PRESET_NAMES
 from ftjax.peft.tree import (
@@ -54,6 +55,8 @@ __all__ = [
     "NF4Weight",
     "OFTWeight",
     "PeftError",
+    "PrefixMlpWeight",
+    "PromptWeight",
     "RankError",
     "TargetError",
     "UnknownMethodError",

@@ -322,6 +322,8 @@ OTHER_FORMATS = {
     "LOHA": "lycoris_format",
     "LOKR": "lycoris_format",
     "OFT": "oft_format",
+    "PROMPT_TUNING": "prompt_format",
+    "PREFIX_TUNING": "prompt_format",
 }
 
 

@@ -24,6 +24,8 @@ from ftjax.models.decoder import (
     attend,
     causal_lm_outputs,
     decoder_inputs,
+    prepend_virtual,
+    read_virtual,
 )
 from ftjax.models.registry import FamilySpec, register_family
 
@@ -89,7 +91,8 @@ class GPT2Model(nn.Module):
         wpe = layers.Embed(
             cfg.max_position_embeddings, cfg.hidden_size, cfg.dtype, cfg.param_dtype, name="wpe"
         )
-        x = wte(input_ids) + wpe(inputs.positions)
+        # Prompt tuning's tokens, if any, get learned positions like the input's.
+        x = prepend_virtual(inputs, wte(input_ids)) + wpe(inputs.positions)
         x, new_cache = apply_layers(self, GPT2Block, "h", x, inputs, cache, deterministic)
         return _layernorm(cfg, "ln_f")(x), wte, new_cache
 
@@ -111,7 +114,10 @@ class GPT2LMHeadModel(nn.Module):
         return_hidden: bool = False,
     ):
         cfg = self.cfg
-        inputs = decoder_inputs(cfg, input_ids, attention_mask, positions, segment_ids, cache)
+        virtual = read_virtual(self)  # prompt or prefix tuning's tokens, if any
+        inputs = decoder_inputs(
+            cfg, input_ids, attention_mask, positions, segment_ids, cache, virtual=virtual
+        )
         x, wte, new_cache = GPT2Model(cfg, name="transformer")(
             input_ids, inputs, cache, deterministic
         )
@@ -188,5 +194,6 @@ SPEC = register_family(
         ignored_keys=r"attn\.(bias|masked_bias)$",
         check=check,
         tied_embedding=("transformer", "wte", "embedding"),  # the head is always tied
+        kv_width=lambda layer: layer["attn"]["c_attn"]["kernel"].shape[-1] // 3,  # q, k, v fused
     )
 )

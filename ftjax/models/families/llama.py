@@ -24,6 +24,8 @@ from ftjax.models.decoder import (
     causal_lm_outputs,
     decoder_inputs,
     head_logits,
+    prepend_virtual,
+    read_virtual,
 )
 from ftjax.models.registry import FamilySpec, register_family
 
@@ -100,6 +102,7 @@ class LlamaModel(nn.Module):
         x = layers.Embed(
             cfg.vocab_size, cfg.hidden_size, cfg.dtype, cfg.param_dtype, name="embed_tokens"
         )(input_ids)
+        x = prepend_virtual(inputs, x)  # prompt tuning's tokens, if any
         x, new_cache = apply_layers(
             self, LlamaDecoderLayer, "layers", x, inputs, cache, deterministic
         )
@@ -129,7 +132,14 @@ class LlamaForCausalLM(nn.Module):
     ):
         cfg = self.cfg
         inputs = decoder_inputs(
-            cfg, input_ids, attention_mask, positions, segment_ids, cache, rotary=True
+            cfg,
+            input_ids,
+            attention_mask,
+            positions,
+            segment_ids,
+            cache,
+            rotary=True,
+            virtual=read_virtual(self),
         )
         model = LlamaModel(cfg, name="model")
         x, new_cache = model(input_ids, inputs, cache, deterministic)
@@ -252,5 +262,6 @@ SPEC = register_family(
         ignored_keys=r"rotary_emb\.inv_freq$",
         head_kernel=("lm_head", "kernel"),
         tied_embedding=("model", "embed_tokens", "embedding"),
+        kv_width=lambda layer: layer["self_attn"]["k_proj"]["kernel"].shape[-1],
     )
 )

@@ -32,6 +32,10 @@
   block_share, cayley_neumann, neumann_terms, coft, eps, targets, dtype).
 - `adalora`: SVD-form updates whose ranks an importance-driven allocator prunes
   from init_r to target_r on average (schedule options as PEFT's AdaLoraConfig).
+- `prompt_tuning`: trainable virtual-token embeddings before every sequence
+  (num_virtual_tokens, init `random` | `vocab` | `text`, init_text, tokenizer).
+- `prefix_tuning`: trainable per-layer keys and values every query attends to
+  first (num_virtual_tokens, prefix_projection, encoder_hidden_size, init).
 - `bitfit`: the biases train (and the norm scales, in a model without biases).
 - `freeze`: only the parameters matching the regex `trainable` train, and/or
   those of the last `last_layers` decoder layers (unscanned params only).
@@ -53,6 +57,8 @@ from ftjax.peft.methods import (  # noqa: F401  (registers)
     lokr,
     lora,
     oft,
+    prefix_tuning,
+    prompt_tuning,
     qlora,
     vera,
 )
