@@ -165,6 +165,9 @@ def test_ftjax_adapter_loads_in_peft(loaded, tmp_path, field, family, opts, _):
         assert written["alpha_pattern"]
     assert written["bias"] == opts.get("bias", "none")
     assert bool(written["modules_to_save"]) == bool(opts.get("modules_to_save"))
+    layers = opts.get("layers_to_transform")
+    if layers is not None:
+        assert written["layers_to_transform"] == (layers if isinstance(layers, list) else [layers])
     peft_model = torch_peft.PeftModel.from_pretrained(torch_base(path), out)
     report(f"{field}-{family}-ftjax_to_peft", ours, torch_logits(peft_model, IDS))
     back = peft.load_adapter(model.cfg, base, out)

@@ -21,6 +21,7 @@ hold one matrix for both.
 
 from __future__ import annotations
 
+import re
 from collections import Counter
 from collections.abc import Mapping
 
@@ -84,6 +85,37 @@ def pattern_config(
 
 
 # ----------------------------------------------------------------------------- export
+
+
+def layer_subset(adapted: list[str], linear: list[str], minimal_targets) -> dict | None:
+    """`target_modules`, `layers_to_transform`, `layers_pattern` when the
+    adapted modules are some module kinds in a proper subset of the layers
+    (what `layers_to_transform` says); None otherwise. `minimal_targets(
+    wanted, others)` gives the suffixes that select `wanted` only."""
+    where = {}
+    for m in linear:
+        match = re.fullmatch(r"(.*?\.([^.]*))\.(\d+)\.(.*)", m)
+        if match is not None:  # (the head, outside the layers, is never adapted here)
+            where[m] = (match.group(2), int(match.group(3)), match.group(4))
+    if not all(m in where for m in adapted):
+        return None
+    layers = {where[m][1] for m in adapted}
+    kinds = {where[m][2] for m in adapted}
+    stacks = {s for s, _, _ in where.values()}
+    if len(stacks) != 1 or layers == {i for _, i, _ in where.values()}:
+        return None
+    if set(adapted) != {m for m, (_, i, k) in where.items() if i in layers and k in kinds}:
+        return None
+    wanted = [m for m, (_, _, k) in where.items() if k in kinds]
+    others = [m for m in linear if m not in wanted]
+    config = {
+        "target_modules": minimal_targets(wanted, others),
+        "layers_to_transform": sorted(layers),
+        "layers_pattern": stacks.pop(),
+    }
+    if not all(lora_fields.peft_adapts(m, config) == (m in adapted) for m in linear):
+        return None
+    return config
 
 
 def _module(cfg: ModelConfig, path: str) -> str:

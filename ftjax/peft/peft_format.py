@@ -183,9 +183,15 @@ def adapter_state(
         tensors[f"{PREFIX}{module}.lora_B.weight"] = np.asarray(leaf.b).T
         if use_dora:
             tensors[f"{PREFIX}{module}.lora_magnitude_vector"] = np.asarray(leaf.m)
+    layers = {"layers_to_transform": None, "layers_pattern": None}
     if target_modules is None:
-        others = [m for m in (_module(cfg, p) for p in kernel_paths(params)) if m not in adapted]
-        target_modules = _minimal_targets(adapted, others)
+        linear = [_module(cfg, p) for p in kernel_paths(params)]
+        subset = lora_fields_format.layer_subset(adapted, linear, _minimal_targets)
+        if subset is not None:  # some layers only: PEFT's layers_to_transform
+            layers = subset
+            target_modules = layers.pop("target_modules")
+        else:
+            target_modules = _minimal_targets(adapted, [m for m in linear if m not in adapted])
     extra_config, extra_tensors = {"bias": "none", "modules_to_save": None}, {}
     if trained is not None:
         extra_config, extra_tensors = lora_fields_format.extra_state(cfg, params, trained)
@@ -202,6 +208,7 @@ def adapter_state(
         # GPT-2's Conv1D stores (in, out); PEFT must know to transpose its delta.
         "fan_in_fan_out": get_family(cfg.model_type).fan_in_fan_out,
         "inference_mode": True,
+        **layers,
         **extra_config,
     }
     return config, {**tensors, **extra_tensors}
