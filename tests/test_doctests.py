@@ -44,6 +44,7 @@ MODULES = [
     "ftjax.peft.adalora",
     "ftjax.peft.adalora_allocator",
     "ftjax.peft.dora",
+    "ftjax.peft.galore",
     "ftjax.peft.ia3",
     "ftjax.peft.loha",
     "ftjax.peft.lokr",

@@ -11,6 +11,7 @@ from ftjax.peft.base import (
     is_leaf,
 )
 from ftjax.peft.dora import DoraWeight, column_norm, from_lora, init_dora
+from ftjax.peft.galore import galore_adamw, scale_by_galore
 from ftjax.peft.ia3 import IA3Weight, init_ia3
 from ftjax.peft.loha import LohaWeight, init_loha
 from ftjax.peft.lokr import LokrWeight, init_lokr
@@ -69,6 +70,7 @@ __all__ = [
     "dequantize_nf4",
     "export_adapter",
     "from_lora",
+    "galore_adamw",
     "has_adapters",
     "build_method",
     "init_adalora",
@@ -90,6 +92,7 @@ __all__ = [
     "quantize_nf4",
     "read_adapter",
     "save_adapter",
+    "scale_by_galore",
     "split",
     "with_adapter_params",
     "write_adapter",

@@ -163,14 +163,32 @@ def scale_children(scales: Mapping[str, float]) -> optax.GradientTransformation:
     return optax.stateless(update)
 
 
+class RunOptimizer(optax.GradientTransformationExtraArgs):
+    """What `build_optimizer` returns: the optax transformation, which also
+    keeps the `optim` config it was built from (`.config`, frozen). A method
+    whose optimizer hook rebuilds the update (GaLore: Adam on projected
+    gradients) reads the run's b1, b2, eps, weight decay and clipping there
+    instead of asking for a second copy of them."""
+
+    # No __slots__: unlike its NamedTuple base, an instance has a __dict__ for `config`.
+
+
+def _run_optimizer(tx, cfg) -> RunOptimizer:
+    tx = optax.with_extra_args_support(tx)
+    out = RunOptimizer(tx.init, tx.update)
+    out.config = ml_collections.FrozenConfigDict(cfg)
+    return out
+
+
 def build_optimizer(
     cfg, total_steps: int, *, lr_scales: Mapping[str, float] | None = None
-) -> tuple[optax.GradientTransformation, optax.Schedule]:
+) -> tuple[RunOptimizer, optax.Schedule]:
     """(tx, schedule) for `cfg` = `default_optim_config()` with overrides.
 
     `lr_scales`: learning-rate multipliers of weight-leaf children by name
     (`method.lr_scales()`, see `scale_children`); a configuration without any
-    other than 1 builds exactly the optimizer (and state) it always did."""
+    other than 1 builds exactly the optimizer (and state) it always did.
+    The result remembers `cfg` (`RunOptimizer.config`)."""
     validate_optim_config(cfg)
     schedule = build_schedule(cfg, total_steps)
     if cfg.name == "adamw":
@@ -199,4 +217,4 @@ def build_optimizer(
         opt = optax.chain(opt, scale_children(scales))
     if cfg.clip_norm and cfg.clip_norm > 0:
         opt = optax.chain(optax.clip_by_global_norm(cfg.clip_norm), opt)
-    return opt, schedule
+    return _run_optimizer(opt, cfg), schedule

@@ -11,6 +11,8 @@
 (`params`: a tiny Llama's params, set up by tests/test_doctests.py.)
 
 - `full`: everything trains.
+- `galore`: everything trains, with Adam's moments of the targeted kernels in
+  a rank-r projection of their gradients (rank, update_proj_gap, scale, targets).
 - `lora`: rank, alpha, rslora (scale alpha/sqrt(r) instead of alpha/r), dropout,
   init (`kaiming` | `gaussian` | `pissa`), targets (see `ftjax.peft.targets`),
   compute (`auto` | `factored` | `merged` | `hybrid`, see `ftjax.peft.lora`),
@@ -52,6 +54,7 @@ from ftjax.peft.methods import (  # noqa: F401  (registers)
     dora,
     freeze,
     full,
+    galore,
     ia3,
     loha,
     lokr,
