@@ -119,12 +119,12 @@ def test_optimizer_matches_float64_reference_across_refreshes():
     for grads, (want, want_proj) in zip(grads_seq, ref):
         p, state = step(p, state, grads)
         for k in shapes:
-            np.testing.assert_allclose(np.asarray(p[k]), want[k], rtol=0, atol=2e-5, err_msg=k)
+            np.testing.assert_allclose(np.asarray(p[k]), want[k], rtol=0, atol=2e-6, err_msg=k)
         proj = find_galore_state(state).proj
         np.testing.assert_allclose(
-            np.asarray(proj["stack"]), np.stack(want_proj["stack"]), atol=1e-5
+            np.asarray(proj["stack"]), np.stack(want_proj["stack"]), atol=2e-6
         )
-        np.testing.assert_allclose(np.asarray(proj["dense"]), want_proj["dense"][0], atol=1e-5)
+        np.testing.assert_allclose(np.asarray(proj["dense"]), want_proj["dense"][0], atol=2e-6)
     # The projections really were refreshed (steps 0, 3, 6) from new gradients.
     assert int(find_galore_state(state).count) == 7
     assert not np.allclose(ref[2][1]["dense"][0], ref[3][1]["dense"][0], atol=1e-2)
