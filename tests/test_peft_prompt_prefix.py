@@ -238,14 +238,17 @@ def test_cached_logits_equal_full_forward_logits(method):
     step = jax.jit(lambda p, i, m, pos, c: model.apply(
         {"params": p}, i, attention_mask=m, positions=pos, cache=c))  # fmt: skip
     logits, cache = step(params, ids, mask, positions, cache)
+    forward = jax.jit(lambda p, ids: model.apply({"params": p}, ids))
     rows = [list(p) for p in PROMPTS]
     last, pos = logits[:, -1], positions[:, -1]
     for _ in range(4):
         for r, seq in enumerate(rows):
-            full = model.apply({"params": params}, np.asarray([seq]))[0, -1]
+            padded = np.zeros((1, 16), np.int32)  # right padding: invisible, one program
+            padded[0, : len(seq)] = seq
+            full = forward(params, padded)[0, len(seq) - 1]
             np.testing.assert_allclose(last[r], full, atol=2e-5)
             if _ == 0:  # the virtual tokens change the prediction
-                alone = model.apply({"params": base}, np.asarray([seq]))[0, -1]
+                alone = forward(base, padded)[0, len(seq) - 1]
                 assert np.abs(full - alone).max() > 1e-2
         token = np.asarray(jnp.argmax(last, -1), np.int32)
         rows = [seq + [int(t)] for seq, t in zip(rows, token)]
