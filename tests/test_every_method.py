@@ -33,7 +33,7 @@ OPTIONS = {
     "loha": {"rank": 2},
     "lokr": {"rank": 2},
     "oft": {},
-    "adalora": {"init_r": 4, "target_r": 2, "tinit": 0, "tfinal": 0, "deltaT": 1},
+    "adalora": {"init_r": 4, "target_r": 2, "tinit": 0, "tfinal": 0, "delta_t": 1},
     "galore": {"rank": 4, "update_proj_gap": 2},
     "prompt_tuning": {"num_virtual_tokens": 3},
     "prefix_tuning": {"num_virtual_tokens": 3},
@@ -60,7 +60,7 @@ def setup(name, *, steps=10):
     optim = default_optim_config()
     optim.lr, optim.weight_decay, optim.warmup_steps = 1e-2, 0.01, 1
     tx, schedule = build_optimizer(optim, steps, lr_scales=method.lr_scales())
-    tx = method.optimizer(tx, schedule, steps)
+    tx = method.optimizer(tx, schedule, steps, optim)
     step_cfg = StepConfig(penalty=method.penalty())
     return model, method, tx, step_cfg, init_state(params, method, tx, seed=0)
 

@@ -148,8 +148,9 @@ def test_base_preserving_inits_are_accepted(loaded, saved, tmp_path, init):
         ("init_lora_weights", "pissa_niter_4", "init_lora_weights='pissa_niter_4'"),
         ("init_lora_weights", "lora_ga", "init_lora_weights='lora_ga'"),
         ("init_lora_weights", "loftq", "init_lora_weights='loftq'"),
-        # (IA3, VERA, LOHA and LOKR files have importers of their own.)
-        ("peft_type", "ADALORA", "peft_type='ADALORA' is not supported"),
+        # (IA3, VERA, LOHA, LOKR, OFT, ADALORA and the prompt types have importers
+        # of their own.)
+        ("peft_type", "BOFT", "peft_type='BOFT' is not supported"),
         ("target_modules", None, "target_modules=None is not supported"),
     ],
 )

@@ -187,7 +187,8 @@ def test_unknown_method_and_option():
     with pytest.raises(peft.UnknownMethodError) as e:
         peft.build_method({"name": "lroa", "rank": 8})
     assert one_line(e) == (
-        "method.name: unknown method 'lroa'; known: bitfit, dora, freeze, full, ia3, loha, lokr, lora, qlora, vera"
+        "method.name: unknown method 'lroa'; known: adalora, bitfit, dora, freeze, full, galore, "
+        "ia3, loha, lokr, lora, oft, prefix_tuning, prompt_tuning, qlora, vera"
     )
     with pytest.raises(peft.PeftError) as e:
         peft.build_method({"name": "lora", "rnak": 8})

@@ -265,3 +265,31 @@ def test_data_quality_quick_sweep_and_report(tmp_path):
     rows = {line.split("|")[1].strip(): line for line in md[header + 2 : header + 4]}
     assert set(rows) == {"full noise=0%", "full noise=50%"}
     assert f"| {noisy['extra/memorized_wrong'] * 100:.1f} |" in rows["full noise=50%"]
+
+
+# ----------------------------------------------------------------------------- methods
+
+METHODS_STUDY = os.path.join(ROOT, "experiments", "methods", "study.py")
+
+
+def test_methods_quick_sweep_and_report(tmp_path):
+    """The methods study end to end on its quick rows (full, LoRA, and three
+    methods new to the study machinery: GaLore's optimizer, AdaLoRA's
+    allocator and penalty, prompt tuning's virtual tokens through generation)."""
+    proc = script(
+        "sweep.py", f"--config={METHODS_STUDY}:quick=1", f"--workdir={tmp_path}", "--quiet",
+        "--jobs=2",
+    )  # fmt: skip
+    out, err = proc.communicate(timeout=900)
+    assert proc.returncode == 0, err[-3000:]
+    selection = json.load(open(tmp_path / "selection.json"))
+    assert set(selection["rows"]) == {
+        "full", "lora r=4", "galore r=4", "adalora r=4→2", "prompt tuning (4 tokens)",
+    }  # fmt: skip
+    for row in selection["rows"].values():
+        for name in row["runs"]:
+            s = json.load(open(tmp_path / name / "summary.json"))
+            assert s["status"] == "completed" and "final/target/exact_match" in s, name
+    md = open(write_report(str(tmp_path))).read()
+    for label in selection["rows"]:
+        assert f"| {label} |" in md, label

@@ -162,7 +162,7 @@ def galore_setup(model_cfg=CFG, optim=None, steps=10, **options):
         optim = default_optim_config()
         optim.lr, optim.weight_decay, optim.warmup_steps = 1e-2, 0.01, 1
     tx, schedule = build_optimizer(optim, steps, lr_scales=method.lr_scales())
-    tx = method.optimizer(tx, schedule, steps)
+    tx = method.optimizer(tx, schedule, steps, optim)
     return model, params, method, tx, init_state(params, method, tx, seed=0)
 
 

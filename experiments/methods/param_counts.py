@@ -97,6 +97,26 @@ SETTINGS = {
         {"name": "adalora"},
         _per_layer(lambda i, o: 12 * (i + o + 1), QV),
     ),
+    "galore": (
+        "GaLore (every weight trains; its saving is optimizer state)",
+        {"name": "galore"},
+        TOTAL,
+    ),
+    "qlora": (
+        "QLoRA r=16, all linear (NF4 base; the adapters train)",
+        {"name": "qlora", "rank": 16},
+        _per_layer(lambda i, o: 16 * (i + o), LINEAR),
+    ),
+    "prompt_tuning": (
+        "prompt tuning, 20 virtual tokens (20 x d)",
+        {"name": "prompt_tuning", "num_virtual_tokens": 20},
+        20 * D,
+    ),
+    "prefix_tuning": (
+        "prefix tuning, 20 tokens (a key and a value per layer: 20 x 2 x layers x d)",
+        {"name": "prefix_tuning", "num_virtual_tokens": 20},
+        20 * 2 * LAYERS * D,
+    ),
     "bitfit": ("BitFit (no biases: the norm scales)", {"name": "bitfit"}, LAYERS * 2 * D + D),
     "freeze": (
         "freeze all but the last layer",

@@ -56,7 +56,9 @@ ROWS = {
 QUICK_ROWS = {
     "full": ("method=full", [3e-3]),
     "lora r=4": ("method=lora,rank=4", [3e-3]),
-    "ia3": ("method=ia3", [3e-2]),
+    "galore r=4": ("method=galore,rank=4,update_proj_gap=2", [3e-3]),
+    "adalora r=4→2": ("method=adalora,init_r=4,target_r=2", [3e-3]),
+    "prompt tuning (4 tokens)": ("method=prompt_tuning,num_virtual_tokens=4", [1e-1]),
 }
 COMPARISONS = [
     ("full", "galore r=64"),

@@ -129,8 +129,9 @@ class JaxTrain(TrainStep, JaxJob):
         model = build_model(cfg)
         method_cfg = method_config(spec["method"], spec["rank"], spec["alpha"])
         method = peft.build_method({**method_cfg, **spec.get("method_options", {})})
-        tx, schedule = build_optimizer(optim_config(), 1000, lr_scales=method.lr_scales())
-        tx = method.optimizer(tx, schedule, 1000)  # GaLore's projection, AdaLoRA's allocator
+        optim = optim_config()
+        tx, schedule = build_optimizer(optim, 1000, lr_scales=method.lr_scales())
+        tx = method.optimizer(tx, schedule, 1000, optim)  # GaLore's projection, AdaLoRA's allocator
         params = host_params(model)
 
         # One program adapts the weights and builds the optimizer state (each

@@ -10,7 +10,7 @@ the reason there is none).
 
     >>> spec = get("lora")
     >>> sorted(spec.options)[:3]
-    ['alpha', 'compute', 'dropout']
+    ['alpha', 'alpha_pattern', 'bias']
     >>> label({"name": "lora", "rank": 4, "targets": "qv"})
     'lora r=4 qv'
 
@@ -69,8 +69,9 @@ class MethodSpec:
     - `lr_scales(opts) -> {child: multiplier}`: learning rates of the named
       children of weight leaves relative to the run's (LoRA+: `{"b": 16.0}`);
       `ftjax.train.optim.build_optimizer` applies them.
-    - `optimizer(opts, tx, schedule, total_steps) -> tx`: the run's optimizer as
-      this method needs it (GaLore projects the gradients of 2-D weights,
+    - `optimizer(opts, tx, schedule, total_steps, optim) -> tx`: the run's
+      optimizer as this method needs it (GaLore rebuilds the run's AdamW, read
+      from `optim`, the run's `optim` config, around projected gradients;
       AdaLoRA allocates ranks after the update); `None` keeps `tx` as built.
     - `penalty(opts) -> fn(trainable) -> scalar`: a term added to the
       training loss (AdaLoRA's orthogonality regularizer); `None` for none.
@@ -133,11 +134,14 @@ class Method(NamedTuple):
         """
         return dict(get(self.name).lr_scales(self.config))
 
-    def optimizer(self, tx, schedule, total_steps: int):
-        """The run's optimizer `tx` as this method trains with it (see
-        `MethodSpec.optimizer`); `tx` itself for most methods."""
+    def optimizer(self, tx, schedule, total_steps: int, optim=None):
+        """The run's optimizer `tx` (built from the `optim` config) as this
+        method trains with it (see `MethodSpec.optimizer`); `tx` itself for
+        most methods."""
         wrap = get(self.name).optimizer
-        return tx if wrap is None else wrap(self.config, tx, schedule, int(total_steps))
+        if wrap is None:
+            return tx
+        return wrap(self.config, tx, schedule, int(total_steps), optim)
 
     def penalty(self):
         """`fn(trainable) -> scalar` added to the training loss, or None."""

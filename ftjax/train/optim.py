@@ -116,14 +116,20 @@ def build_schedule(cfg, total_steps: int) -> optax.Schedule:
 
 def decay_mask(params):
     """Weight decay on matrices only: biases, norm scales and other vectors are
-    skipped, as are the vector children (DoRA magnitude) of adapter leaves."""
+    skipped, as are the vector children (DoRA magnitude) of adapter leaves. In
+    scanned layers every array has a leading layer axis, so a matrix there has
+    three dimensions (a stacked norm scale is still a vector per layer)."""
+    from ftjax.models.registry import locate_layer
+    from ftjax.peft.base import path_str
 
-    def leaf_mask(x):
+    def leaf_mask(keypath, x):
+        where = locate_layer(path_str(keypath).split("/"))
+        matrix = 3 if where is not None and where[1] is None else 2
         if is_weight_leaf(x):
-            return jax.tree.map(lambda c: jnp.ndim(c) >= 2, x)
-        return jnp.ndim(x) >= 2
+            return jax.tree.map(lambda c: jnp.ndim(c) >= matrix, x)
+        return jnp.ndim(x) >= matrix
 
-    return jax.tree.map(leaf_mask, params, is_leaf=is_weight_leaf)
+    return jax.tree_util.tree_map_with_path(leaf_mask, params, is_leaf=is_weight_leaf)
 
 
 def scale_children(scales: Mapping[str, float]) -> optax.GradientTransformation:
@@ -163,32 +169,14 @@ def scale_children(scales: Mapping[str, float]) -> optax.GradientTransformation:
     return optax.stateless(update)
 
 
-class RunOptimizer(optax.GradientTransformationExtraArgs):
-    """What `build_optimizer` returns: the optax transformation, which also
-    keeps the `optim` config it was built from (`.config`, frozen). A method
-    whose optimizer hook rebuilds the update (GaLore: Adam on projected
-    gradients) reads the run's b1, b2, eps, weight decay and clipping there
-    instead of asking for a second copy of them."""
-
-    # No __slots__: unlike its NamedTuple base, an instance has a __dict__ for `config`.
-
-
-def _run_optimizer(tx, cfg) -> RunOptimizer:
-    tx = optax.with_extra_args_support(tx)
-    out = RunOptimizer(tx.init, tx.update)
-    out.config = ml_collections.FrozenConfigDict(cfg)
-    return out
-
-
 def build_optimizer(
     cfg, total_steps: int, *, lr_scales: Mapping[str, float] | None = None
-) -> tuple[RunOptimizer, optax.Schedule]:
+) -> tuple[optax.GradientTransformation, optax.Schedule]:
     """(tx, schedule) for `cfg` = `default_optim_config()` with overrides.
 
     `lr_scales`: learning-rate multipliers of weight-leaf children by name
     (`method.lr_scales()`, see `scale_children`); a configuration without any
-    other than 1 builds exactly the optimizer (and state) it always did.
-    The result remembers `cfg` (`RunOptimizer.config`)."""
+    other than 1 builds exactly the optimizer (and state) it always did."""
     validate_optim_config(cfg)
     schedule = build_schedule(cfg, total_steps)
     if cfg.name == "adamw":
@@ -217,4 +205,4 @@ def build_optimizer(
         opt = optax.chain(opt, scale_children(scales))
     if cfg.clip_norm and cfg.clip_norm > 0:
         opt = optax.chain(optax.clip_by_global_norm(cfg.clip_norm), opt)
-    return _run_optimizer(opt, cfg), schedule
+    return opt, schedule

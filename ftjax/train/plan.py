@@ -132,7 +132,7 @@ def prepare(cfg, target: Target) -> Prepared:
     model = build_model(model_cfg)
     method = peft.build_method(cfg.method)
     tx, schedule = build_optimizer(cfg.optim, int(cfg.train.steps), lr_scales=method.lr_scales())
-    tx = method.optimizer(tx, schedule, int(cfg.train.steps))
+    tx = method.optimizer(tx, schedule, int(cfg.train.steps), cfg.optim)
     step_cfg = step_config(cfg)
     mode = cfg.parallel.mode
     if mode == "pmap" and target.platform != jax.default_backend():

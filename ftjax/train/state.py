@@ -192,7 +192,7 @@ def build_run(cfg) -> RunStart:
     base_params = jax.device_get(base_params)
     method = peft.build_method(cfg.method)
     tx, schedule = build_optimizer(cfg.optim, cfg.train.steps, lr_scales=method.lr_scales())
-    tx = method.optimizer(tx, schedule, cfg.train.steps)
+    tx = method.optimizer(tx, schedule, cfg.train.steps, cfg.optim)
     state = init_state(base_params, method, tx, seed)
     identity = run_identity(cfg, model, base_identity)
     return RunStart(model, base_params, method, tx, schedule, state, identity)

@@ -126,8 +126,8 @@ def _build(opts):
     return apply, (lambda paths: set())
 
 
-def _optimizer(opts, tx, lr_schedule, total_steps):
-    del lr_schedule
+def _optimizer(opts, tx, lr_schedule, total_steps, optim):
+    del lr_schedule, optim
     return allocate_ranks(tx, schedule(opts, total_steps))
 
 

@@ -67,13 +67,12 @@ def target_mask(targets):
     return mask
 
 
-def galore_optimizer(opts, tx, schedule, total_steps):
-    """The run's AdamW rebuilt as GaLore's (the `MethodSpec.optimizer` hook).
-    `tx` is only read for the `optim` config it was built from."""
-    del total_steps
-    optim = getattr(tx, "config", None)
+def galore_optimizer(opts, tx, schedule, total_steps, optim):
+    """The run's AdamW, described by its `optim` config, rebuilt as GaLore's
+    (the `MethodSpec.optimizer` hook); the built `tx` itself is replaced."""
+    del tx, total_steps
     if optim is None:
-        raise TypeError("GaLore's optimizer hook needs the tx of ftjax.train.build_optimizer")
+        raise TypeError("GaLore's optimizer hook needs the run's optim config (Method.optimizer)")
     if optim.name != "adamw":
         raise ConfigError(
             f"optim.name={optim.name!r}: method galore runs Adam on projected gradients; "

@@ -89,9 +89,9 @@ def _build(opts):
     return apply, (lambda paths: set())
 
 
-def _optimizer(opts, tx, schedule, total_steps):
+def _optimizer(opts, tx, schedule, total_steps, optim):
     """COFT keeps the stored parameters projected, as PEFT's in-place projection does."""
-    del schedule, total_steps
+    del schedule, total_steps, optim
     return with_coft_projection(tx) if opts["coft"] else tx
 
 
