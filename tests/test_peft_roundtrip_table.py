@@ -93,7 +93,10 @@ CASES = {
     "adalora": (
         {"name": "adalora", "init_r": 4, "target_r": 2, "alpha": 8.0},
         lambda a: torch_peft.AdaLoraConfig(
-            init_r=4, target_r=2, lora_alpha=8, total_step=10,
+            init_r=4,
+            target_r=2,
+            lora_alpha=8,
+            total_step=10,
             target_modules=modules(a, "attention"),
         ),  # fmt: skip
         (),
