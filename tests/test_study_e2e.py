@@ -89,7 +89,10 @@ def test_runs_record_learning_and_forgetting_curves(sweep_dir):
         assert {"curve/general/exact_match", "curve/target_val/exact_match"} <= set(r)
         assert "eval/general/loss" in r  # the loss curve at the same steps
     s = json.loads((sweep_dir / LORA / "summary.json").read_text())
-    assert curve[0]["eval/general/loss"] == pytest.approx(s["base/general/loss"], rel=1e-5)
+    if not cfg.train.eval_max_batches:  # else the curve's losses are on the first batches only
+        assert curve[0]["eval/general/loss"] == pytest.approx(s["base/general/loss"], rel=1e-5)
+    else:
+        assert curve[0]["eval/general/loss"] == pytest.approx(s["base/general/loss"], rel=0.2)
     if cfg.eval.curve_examples >= cfg.eval.max_examples:
         assert curve[-1]["curve/target/exact_match"] == s["final/target/exact_match"]
 
