@@ -25,9 +25,10 @@ def model_config(setting, name: str = "setting"):
         return config_from_hf(read_config(os.path.dirname(path) or "."), path, scan_layers=True)
     if not setting.get("model"):
         raise ConfigError(f"{name}: no 'model' (ModelConfig fields) or 'hf_config'; expected one")
-    # Scanned layers trace one layer instead of all: the counts are identical.
+    # Scanned layers trace one layer instead of all: the counts are identical
+    # (a setting whose method addresses single layers sets scan_layers=False).
     try:
-        return ModelConfig(**{**dict(setting["model"]), "scan_layers": True})
+        return ModelConfig(**{"scan_layers": True, **dict(setting["model"])})
     except TypeError as e:
         raise ConfigError(f"{name}.model: {e}; expected ModelConfig fields") from None
 
