@@ -37,7 +37,7 @@ import torch
 import transformers
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
 
-from ftjax.models import ModelConfig, build_model
+from ftjax.models import ModelConfig, build_model, from_pretrained
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 VOCAB = 97  # <eos> + 95 printable ASCII characters + newline (char_tokenizer)
@@ -332,3 +332,20 @@ def doc_block(path: str, heading: str) -> str:
     blocks = re.findall(r"```python\n(.*?)```", section, re.S)
     assert len(blocks) == 1, f"{path} '{heading}' must hold exactly one python block"
     return blocks[0]
+
+
+def checkpoint_loader(tiny_checkpoint, ids, rename=None):
+    """`get(family)` -> (checkpoint dir, ftjax model, base params, jitted
+    logits on `ids`), loaded once per family (`rename` maps a test's family
+    names to `tiny_checkpoint`'s); the `loaded` fixture of the PEFT-format tests."""
+    cache = {}
+
+    def get(family):
+        if family not in cache:
+            path = tiny_checkpoint((rename or {}).get(family, family))
+            model, params = from_pretrained(path)
+            logits = jax.jit(lambda p, m=model: m.apply({"params": p}, ids))
+            cache[family] = (path, model, params, logits)
+        return cache[family]
+
+    return get

@@ -43,13 +43,8 @@ UNSCANNED_ONLY = {"freeze"}
 
 
 def method_config(name):
-    return {"name": name, **{k: v for k, v in OPTIONS[name].items() if k in peft_options(name)}}
-
-
-def peft_options(name):
-    from ftjax.peft.registry import get
-
-    return set(get(name).options)
+    # Passed whole: an option the method does not have is refused, not dropped.
+    return {"name": name, **OPTIONS[name]}
 
 
 def setup(name, *, steps=10):

@@ -20,7 +20,7 @@ import optax
 import peft as torch_peft
 import pytest
 import torch
-from hf_fixtures import VOCAB, torch_base, torch_logits
+from hf_fixtures import VOCAB, checkpoint_loader, torch_base, torch_logits
 
 from ftjax import peft
 from ftjax.models import ModelConfig, build_model, from_pretrained, layers
@@ -44,17 +44,7 @@ FAMILIES = {"llama": "llama2", "mistral": "mistral", "qwen2": "qwen2", "qwen3": 
 @pytest.fixture(scope="module")
 def loaded(tiny_checkpoint):
     """`loaded(family)`: (checkpoint dir, model, base params, jitted logits), once per family."""
-    cache = {}
-
-    def get(family):
-        if family not in cache:
-            path = tiny_checkpoint(family)
-            model, params = from_pretrained(path)
-            logits = jax.jit(lambda p, m=model: m.apply({"params": p}, IDS))
-            cache[family] = (path, model, params, logits)
-        return cache[family]
-
-    return get
+    return checkpoint_loader(tiny_checkpoint, IDS)
 
 
 def adalora_leaves(params):

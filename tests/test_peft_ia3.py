@@ -17,7 +17,7 @@ import numpy as np
 import peft as torch_peft
 import pytest
 import torch
-from hf_fixtures import ROOT, VOCAB, torch_base, torch_logits
+from hf_fixtures import ROOT, VOCAB, checkpoint_loader, torch_base, torch_logits
 
 from ftjax import peft
 from ftjax.models import ModelConfig, build_model, from_pretrained, layers
@@ -33,17 +33,7 @@ LR_SGD = 50.0
 @pytest.fixture(scope="module")
 def loaded(tiny_checkpoint):
     """`loaded(family)`: (checkpoint dir, model, base params, jitted logits), once per family."""
-    cache = {}
-
-    def get(family):
-        if family not in cache:
-            path = tiny_checkpoint(family)
-            model, params = from_pretrained(path)
-            logits = jax.jit(lambda p, m=model: m.apply({"params": p}, IDS))
-            cache[family] = (path, model, params, logits)
-        return cache[family]
-
-    return get
+    return checkpoint_loader(tiny_checkpoint, IDS)
 
 
 def randomize(params, seed=0):

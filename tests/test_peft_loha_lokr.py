@@ -17,7 +17,7 @@ import numpy as np
 import peft as torch_peft
 import pytest
 import torch
-from hf_fixtures import VOCAB, torch_base, torch_logits
+from hf_fixtures import VOCAB, checkpoint_loader, torch_base, torch_logits
 from peft.tuners.lokr.layer import factorization as peft_factorization
 
 from ftjax import peft
@@ -34,17 +34,8 @@ LEAVES = (peft.LohaWeight, peft.LokrWeight)
 
 @pytest.fixture(scope="module")
 def loaded(tiny_checkpoint):
-    cache = {}
-
-    def get(family):
-        if family not in cache:
-            path = tiny_checkpoint(family)
-            model, params = from_pretrained(path)
-            logits = jax.jit(lambda p, m=model: m.apply({"params": p}, IDS))
-            cache[family] = (path, model, params, logits)
-        return cache[family]
-
-    return get
+    """`loaded(family)`: (checkpoint dir, model, base params, jitted logits), once per family."""
+    return checkpoint_loader(tiny_checkpoint, IDS)
 
 
 def randomize(params, seed=0, std=0.3):

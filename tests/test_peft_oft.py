@@ -21,7 +21,7 @@ import numpy as np
 import peft as torch_peft
 import pytest
 import torch
-from hf_fixtures import VOCAB, torch_base, torch_logits
+from hf_fixtures import VOCAB, checkpoint_loader, torch_base, torch_logits
 from peft.tuners.oft import layer as peft_oft_layer
 
 from ftjax import peft
@@ -38,17 +38,7 @@ FIXTURES = {"llama": "llama2", "mistral": "mistral", "qwen2": "qwen2", "qwen3": 
 @pytest.fixture(scope="module")
 def loaded(tiny_checkpoint):
     """`loaded(family)`: (checkpoint dir, model, base params, jitted logits), once per family."""
-    cache = {}
-
-    def get(family):
-        if family not in cache:
-            path = tiny_checkpoint(FIXTURES[family])
-            model, params = from_pretrained(path)
-            logits = jax.jit(lambda p, m=model: m.apply({"params": p}, IDS))
-            cache[family] = (path, model, params, logits)
-        return cache[family]
-
-    return get
+    return checkpoint_loader(tiny_checkpoint, IDS, rename=FIXTURES)
 
 
 def block_of(packed: int) -> int:

@@ -23,10 +23,9 @@ import numpy as np
 import peft as torch_peft
 import pytest
 import torch
-from hf_fixtures import ROOT, VOCAB, torch_base, torch_logits
+from hf_fixtures import ROOT, VOCAB, checkpoint_loader, torch_base, torch_logits
 
 from ftjax import peft
-from ftjax.models import from_pretrained
 
 IDS = np.random.default_rng(0).integers(0, VOCAB, (2, 9))
 TOL = 1e-4
@@ -126,17 +125,7 @@ CONV1D_REFUSAL = "refused (PEFT cannot wrap GPT-2's Conv1D)"
 
 @pytest.fixture(scope="module")
 def loaded(tiny_checkpoint):
-    cache = {}
-
-    def get(arch):
-        if arch not in cache:
-            path = tiny_checkpoint(ARCHS[arch])
-            model, params = from_pretrained(path)
-            logits = jax.jit(lambda p, m=model: m.apply({"params": p}, IDS))
-            cache[arch] = (path, model, params, logits)
-        return cache[arch]
-
-    return get
+    return checkpoint_loader(tiny_checkpoint, IDS, rename=ARCHS)
 
 
 @pytest.fixture(scope="module")

@@ -16,7 +16,7 @@ import numpy as np
 import peft as torch_peft
 import pytest
 import torch
-from hf_fixtures import VOCAB, torch_base, torch_logits
+from hf_fixtures import VOCAB, checkpoint_loader, torch_base, torch_logits
 
 from ftjax import peft
 from ftjax.models import ModelConfig, build_model, from_pretrained, layers
@@ -32,17 +32,7 @@ TOL = 1e-4
 @pytest.fixture(scope="module")
 def loaded(tiny_checkpoint):
     """`loaded(family)`: (checkpoint dir, model, base params, jitted logits), once per family."""
-    cache = {}
-
-    def get(family):
-        if family not in cache:
-            path = tiny_checkpoint(family)
-            model, params = from_pretrained(path)
-            logits = jax.jit(lambda p, m=model: m.apply({"params": p}, IDS))
-            cache[family] = (path, model, params, logits)
-        return cache[family]
-
-    return get
+    return checkpoint_loader(tiny_checkpoint, IDS)
 
 
 def randomize(params, seed=0):
