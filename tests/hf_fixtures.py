@@ -10,6 +10,9 @@
 - `log_probs64(model, params, ids)`: float64 reference log-probabilities.
 - `LowRankLeaf` / `low_rank_adapt`: a minimal weight leaf `w + a @ b` written
   here (not ftjax.peft's), for code that must accept any weight leaf.
+- `build_tiny_encoder(kind, task)` / `save_tiny_encoder`: the same for BERT
+  and RoBERTa with a classification head; `encoder_batch` gives padded ids
+  with token types and `torch_encoder_outputs` runs the PyTorch encoder.
 - `char_tokenizer()` is a fast tokenizer with one token per character over the
   same `VOCAB` ids.
 - `run_script(name, *args)` runs `scripts/<name>` in a subprocess as a user
@@ -91,6 +94,71 @@ def build_tiny(family: str, seed: int = 0):
             if name.endswith("bias") or "norm" in name or "ln_" in name:
                 p.add_(0.1 * torch.randn_like(p))
     return model.eval()
+
+
+# Encoders (BERT, RoBERTa): the architectures `save_tiny_encoder` writes.
+ENCODER_HEADS = {
+    "": "Model",
+    "sequence_classification": "ForSequenceClassification",
+    "token_classification": "ForTokenClassification",
+}
+
+
+def build_tiny_encoder(kind: str, task: str = "", num_labels: int = 3, seed: int = 0):
+    """A random `transformers` BERT or RoBERTa (`kind`) with the head of
+    `task`, in eval mode. Biases and LayerNorms are perturbed and the head
+    scaled up, so that parity checks exercise them and logits are O(1)."""
+    prefix = {"bert": "Bert", "roberta": "Roberta"}[kind]
+    cfg = getattr(transformers, prefix + "Config")(
+        vocab_size=VOCAB,
+        hidden_size=32,
+        intermediate_size=48,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        max_position_embeddings=64 if kind == "bert" else 66,
+        type_vocab_size=2,
+        num_labels=num_labels,
+        pad_token_id=1 if kind == "roberta" else 0,
+    )
+    torch.manual_seed(seed)
+    model = getattr(transformers, prefix + ENCODER_HEADS[task])(cfg)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("bias") or "LayerNorm" in name:
+                p.add_(0.1 * torch.randn_like(p))
+            if name.startswith("classifier") and name.endswith("weight"):
+                p.mul_(25.0)
+    return model.eval()
+
+
+def save_tiny_encoder(kind: str, out_dir, task: str = "", num_labels: int = 3, seed: int = 0):
+    build_tiny_encoder(kind, task, num_labels, seed).save_pretrained(str(out_dir))
+    return str(out_dir)
+
+
+def encoder_batch(kind: str, batch: int = 3, seq: int = 11, seed: int = 0):
+    """(input_ids, attention_mask, token_type_ids) with right padding in rows
+    after the first (the pad id of `kind`) and a second segment in each row."""
+    rng = np.random.default_rng(seed)
+    pad = 1 if kind == "roberta" else 0
+    ids = rng.integers(2, VOCAB, (batch, seq)).astype(np.int32)
+    mask = np.ones_like(ids)
+    for r in range(1, batch):
+        mask[r, seq - 2 * r :] = 0
+    ids[mask == 0] = pad
+    types = (np.arange(seq)[None, :] >= seq // 2).astype(np.int32) * mask
+    return ids, mask, types
+
+
+def torch_encoder_outputs(model, ids, mask, types) -> np.ndarray:
+    """Hidden states (bare model) or logits of a `transformers` encoder."""
+    with torch.no_grad():
+        out = model(
+            input_ids=torch.tensor(ids),
+            attention_mask=torch.tensor(mask),
+            token_type_ids=torch.tensor(types),
+        )
+    return (out.logits if hasattr(out, "logits") else out.last_hidden_state).float().numpy()
 
 
 def save_tiny(family: str, out_dir, seed: int = 0) -> str:

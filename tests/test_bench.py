@@ -172,3 +172,15 @@ ENTRY %main (a: f32[4,4]) -> f32[4,4] {
 def test_bad_preset_is_one_clear_error():
     with pytest.raises(ValueError, match=r"preset='7b'; expected one of tiny"):
         bench.BenchConfig(preset="7b").model_fields()
+
+
+def test_every_registered_method_has_a_benchmark_config():
+    """`--methods=all` must not stop at one method whose options the shared
+    rank/alpha/targets settings break (OFT is sized by its block, not a rank)."""
+    from ftjax import peft
+    from ftjax.bench.config import method_config
+    from ftjax.peft.registry import known_methods
+
+    for name in known_methods():
+        method = peft.build_method(method_config(name, rank=16, alpha=32))
+        assert method.name == name

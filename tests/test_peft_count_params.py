@@ -14,20 +14,23 @@ def run(*args):
 def test_lora_paper_counts(tmp_path):
     result = run("--config=experiments/lora_paper/param_counts.py", f"--workdir={tmp_path}")
     assert result.returncode == 0, result.stderr
-    rows = [line for line in result.stdout.splitlines() if line.startswith("| GPT")]
+    rows = [line for line in result.stdout.splitlines() if line.startswith(("| GPT", "| RoBERTa"))]
     expected = {
+        # Table 2 (GLUE); the closed form is 2 matrices x layers x 2 r d.
+        "RoBERTa-base, r=8, q+v": (f"{2 * 12 * 2 * 8 * 768:,}", "0.3M"),
+        "RoBERTa-large, r=8, q+v": (f"{2 * 24 * 2 * 8 * 1024:,}", "0.8M"),
         "GPT-2 Medium, r=4, q+v": ("393,216", "0.35M"),
         "GPT-2 Large, r=4, q+v": ("737,280", "0.77M"),
         "GPT-3 175B, r=1, q+v": ("4,718,592", "4.7M"),
         "GPT-3 175B, r=8, q+v": ("37,748,736", "37.7M"),
     }
-    assert len(rows) == 4
+    assert len(rows) == 6
     for row in rows:
         cells = [c.strip() for c in row.strip("|").split("|")]
         title, trainable, want, paper = cells[:4]
         assert (trainable, paper) == expected[title] and want == trainable
     # GPT-3 175B's total is its published size, so the real config was counted.
-    assert rows[2].split("|")[5].strip().startswith("174,6")
+    assert rows[4].split("|")[5].strip().startswith("174,6")
     with open(tmp_path / "param_counts.md") as f:
         assert f.read().strip() == "\n".join(
             line for line in result.stdout.splitlines() if line.startswith("|")

@@ -97,6 +97,7 @@ METHOD_EXTRAS = {
     "adalora": lambda rank: {"init_r": rank + rank // 2, "target_r": rank},
     "vera": lambda rank: {"rank": 16 * rank},  # VeRA's shared rank is large (256-1024 in its paper)
     "freeze": lambda rank: {"last_layers": 1},
+    "oft": lambda rank: {"rank": 0, "block_size": 32},  # OFT is sized by its block, not a rank
     "prompt_tuning": lambda rank: {"num_virtual_tokens": 16},
     "prefix_tuning": lambda rank: {"num_virtual_tokens": 16},
 }

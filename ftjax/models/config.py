@@ -50,6 +50,19 @@ class ModelConfig:
     mlp_bias: bool = False
     qk_norm: bool = False  # Qwen3: RMSNorm over head_dim on queries and keys
     sliding_window: int | None = None  # Mistral
+    # Encoder families (BERT, RoBERTa).
+    type_vocab_size: int = 0  # token-type (segment A/B) embeddings; 0: none
+    pad_token_id: int = 0  # RoBERTa numbers positions from pad_token_id + 1
+    hidden_dropout: float = 0.0  # HF hidden_dropout_prob: embeddings, sublayer outputs
+    attention_dropout: float = 0.0  # HF attention_probs_dropout_prob
+    classifier_dropout: float | None = None  # None: hidden_dropout, as HF does
+    # What the model outputs (the family's `FamilySpec.tasks`): "" is the
+    # family's own (next-token logits for decoders, hidden states for a bare
+    # encoder); "sequence_classification" gives (batch, 1, num_labels) logits
+    # from the first token, "token_classification" (batch, seq, num_labels).
+    # num_labels == 1 with sequence classification is regression (MSE), as in HF.
+    task: str = ""
+    num_labels: int = 0
     # Execution options (not part of the checkpoint).
     dtype: str = "float32"  # compute dtype
     param_dtype: str = "float32"
@@ -79,12 +92,28 @@ class ModelConfig:
             raise ModelError(
                 f"num_heads={self.num_heads} must be a multiple of num_kv_heads={self.num_kv_heads}"
             )
+        if self.scan_layers and not family.scannable:
+            raise ModelError(
+                f"scan_layers=True: model_type {self.model_type!r} runs its layers unscanned only"
+            )
+        if self.task not in ("",) + family.tasks:
+            known = ", ".join(repr(t) for t in ("",) + family.tasks)
+            raise ModelError(
+                f"task={self.task!r}: model_type {self.model_type!r} supports {known}"
+            )
+        if self.task and self.num_labels < 1:
+            raise ModelError(f"task={self.task!r} needs num_labels >= 1, got {self.num_labels}")
         if family.check is not None:
             family.check(self)
 
     @property
     def head_size(self) -> int:
         return self.head_dim or self.hidden_size // self.num_heads
+
+    @property
+    def is_regression(self) -> bool:
+        """Sequence regression (HF's num_labels == 1): an MSE loss on one float."""
+        return self.task == "sequence_classification" and self.num_labels == 1
 
     @property
     def rope_scaling_dict(self) -> dict[str, Any] | None:

@@ -24,7 +24,14 @@ from ftjax.errors import ModelError
 from ftjax.models import layers, safetensors_io
 from ftjax.models.config import ModelConfig
 from ftjax.models.decoder import KV_PREFIX, VIRTUAL_TOKENS
-from ftjax.models.registry import build_model, get_family, layers_prefix, model_types
+from ftjax.models.registry import (
+    build_model,
+    container_of,
+    get_family,
+    layers_prefix,
+    model_types,
+    with_container,
+)
 
 log = logging.getLogger(__name__)
 
@@ -88,7 +95,7 @@ def hf_name(cfg: ModelConfig, path: tuple[str, ...]) -> tuple[str, bool]:
     parts = []
     for p in path[:-1]:
         m = re.fullmatch(rf"{re.escape(layer)}_(\d+)", p)
-        parts.extend([layer, m.group(1)] if m else [p])
+        parts.extend([layer, m.group(1)] if m else [spec.renames.get(p, p)])
     leaf = path[-1]
     parts.append("bias" if leaf == "bias" else "weight")
     return ".".join(parts), leaf == "kernel" and spec.transpose_kernels
@@ -122,28 +129,39 @@ def _unflatten(flat: dict) -> dict:
 def stack_layers(cfg: ModelConfig, params: dict) -> dict:
     """Unscanned params -> scanned: layer i's leaves become row i of one stack."""
     container, layer = layers_prefix(cfg)
-    inner = dict(params[container])
+    inner = dict(container_of(params, container))
     per_layer = [inner.pop(f"{layer}_{i}") for i in range(cfg.num_layers)]
     inner[layer] = jax.tree.map(lambda *xs: jnp.stack(xs), *per_layer)
-    return {**params, container: inner}
+    return with_container(params, container, inner)
 
 
 def unstack_layers(cfg: ModelConfig, params: dict) -> dict:
     container, layer = layers_prefix(cfg)
-    if layer not in params[container]:
+    if layer not in container_of(params, container):
         return params
-    inner = dict(params[container])
+    inner = dict(container_of(params, container))
     stacked = inner.pop(layer)
     for i in range(cfg.num_layers):
         inner[f"{layer}_{i}"] = jax.tree.map(lambda x, i=i: x[i], stacked)
-    return {**params, container: inner}
+    return with_container(params, container, inner)
 
 
 # ----------------------------------------------------------------------------- tensors
 
 
-def params_from_tensors(cfg: ModelConfig, tensors: dict, source: str) -> dict:
-    """Builds the params tree from HF-named tensors, checking every shape."""
+def _fresh_head(cfg: ModelConfig, paths: list, seed: int) -> dict:
+    """Random-init values of the head params at `paths` (a classifier the
+    checkpoint lacks), drawn as `model.init` draws them from `seed`."""
+    model = build_model(cfg)
+    init = jax.jit(lambda: model.init(jax.random.key(seed), jnp.zeros((1, 1), jnp.int32)))
+    fresh = dict(_flatten(init()["params"]))
+    return {p: fresh[p] for p in paths}
+
+
+def params_from_tensors(cfg: ModelConfig, tensors: dict, source: str, head_seed: int = 0) -> dict:
+    """Builds the params tree from HF-named tensors, checking every shape.
+    Tensors of the family's `new_head` that the checkpoint lacks (a classifier
+    on a bare or differently headed encoder) are initialized from `head_seed`."""
     family = get_family(cfg.model_type)
     flat_cfg = cfg.replace(scan_layers=False)
     expected = dict(_flatten(abstract_params(flat_cfg)))
@@ -153,7 +171,21 @@ def params_from_tensors(cfg: ModelConfig, tensors: dict, source: str) -> dict:
     used = set()
     flat = {}
     dtype = jnp.dtype(cfg.param_dtype)
+    fresh = [
+        path
+        for path in expected
+        if hf_name(flat_cfg, path)[0] not in tensors
+        and family.new_head
+        and re.search(family.new_head, hf_name(flat_cfg, path)[0])
+    ]
+    if fresh:
+        names = [hf_name(flat_cfg, p)[0] for p in fresh]
+        log.warning("%s: no %s in the checkpoint; initialized fresh (seed %d)",
+                    source, ", ".join(names), head_seed)  # fmt: skip
+        flat.update({p: v.astype(dtype) for p, v in _fresh_head(flat_cfg, fresh, head_seed).items()})
     for path, spec in expected.items():
+        if path in flat:
+            continue
         name, transpose = hf_name(flat_cfg, path)
         if name not in tensors:
             raise CheckpointError(
@@ -317,14 +349,22 @@ def from_pretrained(
     scan_layers: bool = False,
     remat: str | bool = "none",
     attention: str = "auto",
+    task: str = "",
+    num_labels: int = 0,
+    head_seed: int = 0,
 ):
     """Loads a HF checkpoint (a local directory or a hub id) as `(model, params)`:
 
     model, params = from_pretrained("path/to/llama", dtype="bfloat16")
     logits = model.apply({"params": params}, input_ids)
+
+    `task` and `num_labels` (when set) replace the head the checkpoint's
+    config.json names, as `AutoModelForSequenceClassification.from_pretrained`
+    does on a bare encoder; a head the checkpoint lacks starts from `head_seed`.
     """
     ckpt_dir = resolve_dir(path_or_hub_id)
     hf = read_config(ckpt_dir)
+    head = {k: v for k, v in (("task", task), ("num_labels", num_labels)) if v}
     cfg = config_from_hf(
         hf,
         os.path.join(ckpt_dir, "config.json"),
@@ -333,9 +373,10 @@ def from_pretrained(
         scan_layers=scan_layers,
         remat=remat,
         attention=attention,
+        **head,
     )
     tensors, source = read_tensors(ckpt_dir)
-    params = params_from_tensors(cfg, tensors, source)
+    params = params_from_tensors(cfg, tensors, source, head_seed=head_seed)
     return build_model(cfg), params
 
 

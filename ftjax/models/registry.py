@@ -71,10 +71,22 @@ class FamilySpec:
       `transformer.`) lack; it is added when no tensor carries it.
     - `ignored_keys`: regex of checkpoint buffers that are not parameters.
 
+    - `renames`: flax path components whose HF name differs (BERT's
+      feed-forward `ffn_output` is HF's `output`, a name its attention block
+      also uses: distinct flax names keep the `mlp` preset unambiguous).
+    - `new_head`: regex of HF tensor names a checkpoint may lack, the task
+      head that fine-tuning adds (a classifier on a bare encoder): they are
+      initialized fresh, as `transformers` does, and logged.
+
     Layers, targets, parallelism:
     - `layers`: `(container, layer)`: layer i's params are
       `params[container][f"{layer}_{i}"]`, or, scanned, all layers stacked
-      under `params[container][layer]`.
+      under `params[container][layer]`; the container may be a `/`-joined
+      path (`bert/encoder`).
+    - `scannable`: the module can run its layers under `nn.scan`
+      (`scan_layers=True`, stacked params); False refuses the option.
+    - `tasks`: the `ModelConfig.task` values the module offers besides its
+      own output ("" : next-token logits, or an encoder's hidden states).
     - `targets`: the module names each preset of `TARGET_PRESETS` adapts, as
       `ftjax.peft.targets` matches them (path components before `/kernel`,
       e.g. `"q_proj"` or `"attn/c_attn"`); optionally also those of
@@ -123,6 +135,10 @@ class FamilySpec:
     head_kernel: tuple[str, ...] | None = None
     tied_embedding: tuple[str, ...] | None = None
     kv_width: Callable[[Mapping[str, Any]], int] | None = None
+    tasks: tuple[str, ...] = ()
+    scannable: bool = True
+    renames: Mapping[str, str] = dataclasses.field(default_factory=dict)
+    new_head: str = ""
 
     def __post_init__(self):
         if not self.model_types or not all(isinstance(t, str) and t for t in self.model_types):
@@ -216,11 +232,11 @@ def locate_layer(parts: Sequence[str]) -> tuple[int, int | None] | None:
     >>> locate_layer("transformer/h/attn/c_attn/kernel".split("/"))
     (1, None)
     """
-    stacks = {s.layers for s in _FAMILIES.values()}
+    stacks = {(tuple(c.split("/")), layer) for c, layer in (s.layers for s in _FAMILIES.values())}
     for pos in range(1, len(parts)):
-        container, part = parts[pos - 1], parts[pos]
+        part = parts[pos]
         for c, layer in stacks:
-            if c != container or not part.startswith(layer):
+            if tuple(parts[max(pos - len(c), 0) : pos]) != c or not part.startswith(layer):
                 continue
             rest = part[len(layer) :]
             if not rest:
@@ -231,8 +247,23 @@ def locate_layer(parts: Sequence[str]) -> tuple[int, int | None] | None:
 
 
 def layer_containers() -> frozenset[str]:
-    """The container names (`model`, `transformer`) of every registered family."""
+    """The container names (`model`, `transformer`, `bert/encoder`) of every registered family."""
     return frozenset(s.layers[0] for s in _FAMILIES.values())
+
+
+def container_of(params: Mapping, container: str) -> Mapping:
+    """`params` at a `/`-joined container path (`bert/encoder`)."""
+    for key in container.split("/"):
+        params = params[key]
+    return params
+
+
+def with_container(params: Mapping, container: str, inner: Mapping) -> dict:
+    """A copy of `params` with the subtree at `container` replaced by `inner`."""
+    head, _, rest = container.partition("/")
+    if not rest:
+        return {**params, head: inner}
+    return {**params, head: with_container(params[head], rest, inner)}
 
 
 @functools.cache

@@ -15,6 +15,12 @@ from __future__ import annotations
 import os
 
 
+def _scannable(model_type) -> bool:
+    from ftjax.models.registry import get_family, model_types
+
+    return model_type not in model_types() or get_family(model_type).scannable
+
+
 def model_config(setting, name: str = "setting"):
     from ftjax.errors import ConfigError
     from ftjax.models import ModelConfig
@@ -22,13 +28,16 @@ def model_config(setting, name: str = "setting"):
 
     if setting.get("hf_config"):
         path = setting["hf_config"]
-        return config_from_hf(read_config(os.path.dirname(path) or "."), path, scan_layers=True)
+        hf = read_config(os.path.dirname(path) or ".")
+        return config_from_hf(hf, path, scan_layers=_scannable(hf.get("model_type")))
     if not setting.get("model"):
         raise ConfigError(f"{name}: no 'model' (ModelConfig fields) or 'hf_config'; expected one")
     # Scanned layers trace one layer instead of all: the counts are identical
     # (a setting whose method addresses single layers sets scan_layers=False).
     try:
-        return ModelConfig(**{"scan_layers": True, **dict(setting["model"])})
+        fields = dict(setting["model"])
+        scan = _scannable(fields.get("model_type", "llama"))
+        return ModelConfig(**{"scan_layers": scan, **fields})
     except TypeError as e:
         raise ConfigError(f"{name}.model: {e}; expected ModelConfig fields") from None
 

@@ -4,6 +4,6 @@ One module per family declares its flax module, HF config and tensor-name
 mapping, layer container, target presets and tensor-parallel rules in one
 `FamilySpec` (see `ftjax.models.registry`)."""
 
-from ftjax.models.families import gpt2, llama
+from ftjax.models.families import bert, gpt2, llama
 
-__all__ = ["gpt2", "llama"]
+__all__ = ["bert", "gpt2", "llama"]
