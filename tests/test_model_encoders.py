@@ -27,7 +27,9 @@ TASKS = [("", 3), ("sequence_classification", 3), ("sequence_classification", 1)
 
 
 def _ftjax_outputs(model, params, ids, mask, types):
-    out = np.asarray(model.apply({"params": params}, ids, attention_mask=mask, token_type_ids=types))
+    out = np.asarray(
+        model.apply({"params": params}, ids, attention_mask=mask, token_type_ids=types)
+    )
     return out[:, 0] if model.cfg.task == "sequence_classification" else out
 
 
@@ -45,7 +47,10 @@ def _max_diff(got, ref, mask):
 def test_random_encoder_matches_transformers(tmp_path, kind, task, num_labels):
     path = save_tiny_encoder(kind, tmp_path, task, num_labels)
     model, params = from_pretrained(path)
-    assert (model.cfg.task, model.cfg.num_labels if task else 0) == (task, num_labels if task else 0)
+    assert (model.cfg.task, model.cfg.num_labels if task else 0) == (
+        task,
+        num_labels if task else 0,
+    )
     ids, mask, types = encoder_batch(kind)
     ref = torch_encoder_outputs(build_tiny_encoder(kind, task, num_labels), ids, mask, types)
     got = _ftjax_outputs(model, params, ids, mask, types)
@@ -72,7 +77,9 @@ def test_saved_encoder_loads_in_transformers_with_the_same_logits(tmp_path, kind
 
 def test_padding_does_not_change_a_sequence_logit(tmp_path):
     """Extra right padding (attention-masked) leaves the first-token logits alone."""
-    model, params = from_pretrained(save_tiny_encoder("roberta", tmp_path, "sequence_classification"))
+    model, params = from_pretrained(
+        save_tiny_encoder("roberta", tmp_path, "sequence_classification")
+    )
     ids, mask, types = encoder_batch("roberta", batch=1, seq=7)
     pad = lambda a, v: np.concatenate([a, np.full((1, 5), v, a.dtype)], axis=1)
     short = _ftjax_outputs(model, params, ids, mask, types)
@@ -106,15 +113,20 @@ def test_presets_pick_each_block_once(tmp_path):
     output `output.dense`); `qv` is the LoRA paper's query and value."""
     _, params = from_pretrained(save_tiny_encoder("roberta", tmp_path, "sequence_classification"))
     select = lambda t: sorted(p.split("/", 3)[3] for p in targets.select(params, t))
-    assert select("qv") == sorted(["attention/self/query/kernel", "attention/self/value/kernel"] * 2)
+    assert select("qv") == sorted(
+        ["attention/self/query/kernel", "attention/self/value/kernel"] * 2
+    )
     assert select("mlp") == sorted(["ffn_output/dense/kernel", "intermediate/dense/kernel"] * 2)
     assert len(select("all-linear")) == 12  # six per layer; never the classifier or pooler
 
 
 @pytest.mark.parametrize(
     "field,value",
-    [("position_embedding_type", "relative_key"), ("problem_type", "multi_label_classification"),
-     ("is_decoder", True)],  # fmt: skip
+    [
+        ("position_embedding_type", "relative_key"),
+        ("problem_type", "multi_label_classification"),
+        ("is_decoder", True),
+    ],  # fmt: skip
 )
 def test_unimplemented_config_field_is_refused_by_name(tmp_path, field, value):
     path = save_tiny_encoder("bert", tmp_path)

@@ -98,9 +98,7 @@ class ModelConfig:
             )
         if self.task not in ("",) + family.tasks:
             known = ", ".join(repr(t) for t in ("",) + family.tasks)
-            raise ModelError(
-                f"task={self.task!r}: model_type {self.model_type!r} supports {known}"
-            )
+            raise ModelError(f"task={self.task!r}: model_type {self.model_type!r} supports {known}")
         if self.task and self.num_labels < 1:
             raise ModelError(f"task={self.task!r} needs num_labels >= 1, got {self.num_labels}")
         if family.check is not None:

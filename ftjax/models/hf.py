@@ -182,7 +182,9 @@ def params_from_tensors(cfg: ModelConfig, tensors: dict, source: str, head_seed:
         names = [hf_name(flat_cfg, p)[0] for p in fresh]
         log.warning("%s: no %s in the checkpoint; initialized fresh (seed %d)",
                     source, ", ".join(names), head_seed)  # fmt: skip
-        flat.update({p: v.astype(dtype) for p, v in _fresh_head(flat_cfg, fresh, head_seed).items()})
+        flat.update(
+            {p: v.astype(dtype) for p, v in _fresh_head(flat_cfg, fresh, head_seed).items()}
+        )
     for path, spec in expected.items():
         if path in flat:
             continue

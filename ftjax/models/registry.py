@@ -83,8 +83,13 @@ class FamilySpec:
       `params[container][f"{layer}_{i}"]`, or, scanned, all layers stacked
       under `params[container][layer]`; the container may be a `/`-joined
       path (`bert/encoder`).
+    - `peft_task_type`: HF PEFT's `task_type` for the module's own output
+      (task ""): `CAUSAL_LM`, or `FEATURE_EXTRACTION` for a bare encoder.
     - `scannable`: the module can run its layers under `nn.scan`
       (`scan_layers=True`, stacked params); False refuses the option.
+    - `task_head`: the top-level params key of the task heads (`classifier`):
+      trained by every method and saved as PEFT's `modules_to_save`
+      (`ftjax.peft.task_head`).
     - `tasks`: the `ModelConfig.task` values the module offers besides its
       own output ("" : next-token logits, or an encoder's hidden states).
     - `targets`: the module names each preset of `TARGET_PRESETS` adapts, as
@@ -136,7 +141,9 @@ class FamilySpec:
     tied_embedding: tuple[str, ...] | None = None
     kv_width: Callable[[Mapping[str, Any]], int] | None = None
     tasks: tuple[str, ...] = ()
+    task_head: str = ""
     scannable: bool = True
+    peft_task_type: str = "CAUSAL_LM"
     renames: Mapping[str, str] = dataclasses.field(default_factory=dict)
     new_head: str = ""
 

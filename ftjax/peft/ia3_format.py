@@ -152,7 +152,7 @@ def adapter_state(
     )
     config = {
         "peft_type": "IA3",
-        "task_type": "CAUSAL_LM",
+        "task_type": lora_format.task_type(cfg),
         "base_model_name_or_path": base_model_name_or_path,
         "target_modules": sorted(set(ff_targets) | set(plain_targets)),
         "feedforward_modules": ff_targets,
@@ -207,7 +207,7 @@ def load_adapter(cfg: ModelConfig, params, in_dir: str, *, dtype="float32"):
 
         params = load_adapter(model.cfg, base_params, "hf_ia3_adapter/")
     """
-    config, tensors = lora_format.read_adapter(in_dir)
+    config, tensors = lora_format.read_adapter(in_dir, cfg)
     lora_format.check_config(config, in_dir, CONFIG_FIELDS, kind="IA3Config")
     flat = lora_format._unstacked(cfg, params)
     modules, missing = _validate(

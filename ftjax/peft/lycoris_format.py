@@ -113,7 +113,7 @@ def adapter_state(cfg: ModelConfig, params, *, base_model_name_or_path=None):
     linear = [lora_format._module(cfg, p) for p in kernel_paths(params)]
     config = {
         "peft_type": kind,
-        "task_type": "CAUSAL_LM",
+        "task_type": lora_format.task_type(cfg),
         "base_model_name_or_path": base_model_name_or_path,
         "r": rank,
         "alpha": scale * rank,
@@ -244,7 +244,7 @@ def load_adapter(cfg: ModelConfig, params, in_dir: str):
 
         params = load_adapter(model.cfg, base_params, "hf_lokr_adapter/")
     """
-    config, tensors = lora_format.read_adapter(in_dir)
+    config, tensors = lora_format.read_adapter(in_dir, cfg)
     kind = config.get("peft_type")
     lora_format.check_config(config, in_dir, CONFIG_FIELDS[kind], kind=CONFIG_CLASSES[kind])
     flat = lora_format._unstacked(cfg, params)

@@ -110,7 +110,7 @@ def adapter_state(cfg: ModelConfig, params, *, block_size=0, rank=0, base_model_
     linear = [lora_format._module(cfg, p) for p in kernel_paths(params)]
     config = {
         "peft_type": "OFT",
-        "task_type": "CAUSAL_LM",
+        "task_type": lora_format.task_type(cfg),
         "base_model_name_or_path": base_model_name_or_path,
         # PEFT reads it to tell the Cayley-Neumann series ftjax implements from the older one.
         "peft_version": ".".join(map(str, NEUMANN_SINCE)),
@@ -270,7 +270,7 @@ def load_adapter(cfg: ModelConfig, params, in_dir: str):
 
         params = load_adapter(model.cfg, base_params, "hf_oft_adapter/")
     """
-    config, tensors = lora_format.read_adapter(in_dir)
+    config, tensors = lora_format.read_adapter(in_dir, cfg)
     lora_format.check_config(config, in_dir, CONFIG_FIELDS, kind="OFTConfig")
     flat = lora_format._unstacked(cfg, params)
     kernels = lora_format.kernel_shapes(cfg, flat)

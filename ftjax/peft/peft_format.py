@@ -57,7 +57,7 @@ from ftjax.models import safetensors_io
 from ftjax.models.config import ModelConfig
 from ftjax.models.hf import hf_name, stack_layers, unstack_layers
 from ftjax.models.registry import get_family
-from ftjax.peft import lora_fields, lora_fields_format
+from ftjax.peft import lora_fields, lora_fields_format, task_head
 from ftjax.peft.base import AdapterFormatError, PeftError, flatten_paths, is_leaf, path_str
 from ftjax.peft.dora import DoraWeight
 from ftjax.peft.lora import (
@@ -82,6 +82,18 @@ def kernel_shapes(cfg: ModelConfig, params) -> dict[str, tuple[int, ...]]:
     `params` (what each format's importer checks a file's tensors against)."""
     flat = dict(flatten_paths(params))
     return {_module(cfg, p): tuple(flat[p].shape) for p in kernel_paths(params)}
+
+
+# HF PEFT's `task_type` by the model's head: it picks the PeftModel class
+# `PeftModel.from_pretrained` builds (and which head modules PEFT saves).
+TASK_TYPES = {"sequence_classification": "SEQ_CLS", "token_classification": "TOKEN_CLS"}
+
+
+def task_type(cfg: ModelConfig) -> str:
+    """`task_type` of an adapter of a model with `cfg`'s head."""
+    if cfg.task:
+        return TASK_TYPES[cfg.task]
+    return get_family(cfg.model_type).peft_task_type
 
 
 def _module(cfg: ModelConfig, path: str) -> str:
@@ -197,7 +209,7 @@ def adapter_state(
         extra_config, extra_tensors = lora_fields_format.extra_state(cfg, params, trained)
     config = {
         "peft_type": "LORA",
-        "task_type": "CAUSAL_LM",
+        "task_type": task_type(cfg),
         "base_model_name_or_path": base_model_name_or_path,
         **lora_fields_format.pattern_config(sizes, lora_alpha),
         "lora_dropout": float(rate),
@@ -363,6 +375,17 @@ def save_adapter(cfg: ModelConfig, params, out_dir: str, *, method=None, **optio
 
         save_adapter(model.cfg, state_params, "run/adapter", method=config.method)
     """
+    config = _save_adapter(cfg, params, out_dir, method=method, **options)
+    if task_head.get_head(cfg) is not None:
+        # Every format's files get the trained head (PEFT's modules_to_save).
+        config, tensors = read_adapter(out_dir)
+        flat = {p: x for p, x in flatten_paths(_unstacked(cfg, params)) if not is_leaf(x)}
+        task_head.add_to_adapter(cfg, flat, config, tensors)
+        write_files(out_dir, config, tensors)
+    return config
+
+
+def _save_adapter(cfg: ModelConfig, params, out_dir: str, *, method=None, **options) -> dict:
     other = _other_format(leaves=[x for _, x in flatten_paths(params)])
     if other is not None:
         return other.save_adapter(cfg, params, out_dir, **options)
@@ -422,8 +445,13 @@ def export_adapter(
     return save_adapter(cfg, params, out_dir, method=method, **options)
 
 
-def read_adapter(in_dir: str) -> tuple[dict, dict[str, np.ndarray]]:
-    """`(adapter_config, tensors)` as stored."""
+def read_adapter(in_dir: str, cfg: ModelConfig | None = None) -> tuple[dict, dict[str, np.ndarray]]:
+    """`(adapter_config, tensors)` as stored; with `cfg`, without the task head
+    (`ftjax.peft.task_head`, which `load_adapter` installs for every format)."""
+    if cfg is not None:
+        config, tensors = read_adapter(in_dir)
+        config, tensors, _ = task_head.split_from_adapter(cfg, config, tensors, in_dir)
+        return config, tensors
     config_path = os.path.join(in_dir, CONFIG_NAME)
     weights_path = os.path.join(in_dir, WEIGHTS_NAME)
     for path in (config_path, weights_path):
@@ -618,7 +646,24 @@ def load_adapter(cfg: ModelConfig, params, in_dir: str, *, compute: str = "auto"
         params = load_adapter(model.cfg, base_params, "hf_adapter/")
         logits = model.apply({"params": params}, input_ids)
     """
+    adapted = _load_adapter(cfg, params, in_dir, compute=compute)
+    if task_head.get_head(cfg) is None:
+        return adapted
     config, tensors = read_adapter(in_dir)
+    _, _, head = task_head.split_from_adapter(cfg, config, tensors, in_dir)
+    flat = dict(flatten_paths(_unstacked(cfg, adapted)))
+    loaded = task_head.load_head(cfg, flat, head, os.path.join(in_dir, WEIGHTS_NAME))
+    new = {p: jnp.asarray(v) for p, v in loaded.items() if p in head_paths_of(flat)}
+    out = replace_leaves(_unstacked(cfg, adapted), new)
+    return stack_layers(cfg, out) if cfg.scan_layers else out
+
+
+def head_paths_of(flat: dict) -> list[str]:
+    return task_head.head_paths([p for p, x in flat.items() if not is_leaf(x)])
+
+
+def _load_adapter(cfg: ModelConfig, params, in_dir: str, *, compute: str = "auto"):
+    config, tensors = read_adapter(in_dir, cfg)
     other = _other_format(peft_type=config.get("peft_type") if isinstance(config, dict) else None)
     if other is not None:
         return other.load_adapter(cfg, params, in_dir)

@@ -71,7 +71,7 @@ def adapter_state(cfg: ModelConfig, params, *, init=None, base_model_name_or_pat
     opts = dict(init or {})
     config = {
         "peft_type": PEFT_TYPES[key],
-        "task_type": "CAUSAL_LM",
+        "task_type": lora_format.task_type(cfg),
         "base_model_name_or_path": base_model_name_or_path,
         "revision": None,
         "inference_mode": True,
@@ -182,7 +182,7 @@ def load_adapter(cfg: ModelConfig, params, in_dir: str):
 
         params = load_adapter(model.cfg, base_params, "hf_prompt_adapter/")
     """
-    config, tensors = lora_format.read_adapter(in_dir)
+    config, tensors = lora_format.read_adapter(in_dir, cfg)
     peft_type = config.get("peft_type") if isinstance(config, dict) else None
     key = VIRTUAL_TOKENS if peft_type == "PROMPT_TUNING" else KV_PREFIX
     fields, kind = (

@@ -26,7 +26,7 @@ from typing import Any, NamedTuple
 
 import jax
 
-from ftjax.peft import tree
+from ftjax.peft import task_head, tree
 from ftjax.peft.base import PeftError, UnknownMethodError
 
 # apply(params, rng) -> params with adapter leaves; select(paths) -> trainable plain paths.
@@ -244,7 +244,8 @@ def build_method(config) -> Method:
     """
     opts = resolve_config(config)
     apply, select = get(opts["name"]).build(opts)
-    return Method(opts["name"], opts, apply, select)
+    # A classification model's head trains under every method (ftjax.peft.task_head).
+    return Method(opts["name"], opts, apply, task_head.with_head(select))
 
 
 def label(config: Mapping[str, Any]) -> str:

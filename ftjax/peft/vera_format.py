@@ -81,7 +81,7 @@ def adapter_state(
     linear = [lora_format._module(cfg, p) for p in kernel_paths(params)]
     config = {
         "peft_type": "VERA",
-        "task_type": "CAUSAL_LM",
+        "task_type": lora_format.task_type(cfg),
         "base_model_name_or_path": base_model_name_or_path,
         "r": ranks[0],
         "target_modules": lora_format._minimal_targets(
@@ -219,7 +219,7 @@ def load_adapter(cfg: ModelConfig, params, in_dir: str):
 
         params = load_adapter(model.cfg, base_params, "hf_vera_adapter/")
     """
-    config, tensors = lora_format.read_adapter(in_dir)
+    config, tensors = lora_format.read_adapter(in_dir, cfg)
     lora_format.check_config(config, in_dir, CONFIG_FIELDS, kind="VeraConfig")
     flat = lora_format._unstacked(cfg, params)
     modules, missing, a_t, b_t = _validate(config, tensors, lora_format.kernel_shapes(cfg, flat), in_dir,

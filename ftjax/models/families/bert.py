@@ -158,9 +158,7 @@ class EncoderBody(nn.Module):
     @nn.compact
     def __call__(self, input_ids, attention_mask, positions, token_type_ids, deterministic):
         cfg = self.cfg
-        valid = (
-            jnp.ones(input_ids.shape, bool) if attention_mask is None else attention_mask > 0
-        )
+        valid = jnp.ones(input_ids.shape, bool) if attention_mask is None else attention_mask > 0
         if positions is None:
             if self.roberta:
                 real = (input_ids != cfg.pad_token_id).astype(jnp.int32)
@@ -365,7 +363,9 @@ def _spec(name: str, module, prefix: str) -> FamilySpec:
         ignored_keys=r"embeddings\.(position_ids|token_type_ids)$",
         check=check,
         tasks=(SEQUENCE, TOKEN),
+        task_head="classifier",
         scannable=False,
+        peft_task_type="FEATURE_EXTRACTION",
         renames={"ffn_output": "output"},
         new_head=r"^(classifier|score)\.|\.pooler\.",
     )
