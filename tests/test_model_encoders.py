@@ -18,9 +18,9 @@ from hf_fixtures import (
     torch_encoder_outputs,
 )
 
-from ftjax.peft import targets
 from ftjax.errors import ModelError
 from ftjax.models import from_pretrained, save_pretrained
+from ftjax.peft import targets
 
 TASKS = [("", 3), ("sequence_classification", 3), ("sequence_classification", 1),
          ("token_classification", 5)]  # fmt: skip
