@@ -107,6 +107,33 @@ def ensure_suite(
     return paths, os.path.join(final, "tokenizer")
 
 
+def ensure_sentence_task(seed: int, train: int, eval_: int, val: int, probe_pairs: int,
+                         root: str | None = None) -> dict[str, str]:  # fmt: skip
+    """The generated negation task (train/eval JSON lines) and paraphrase probe
+    (`ftjax.data.sentences`), written once per (seed, sizes) into the cache,
+    atomically as `ensure_suite`'s."""
+    from ftjax.data import sentences
+
+    key = f"seed{seed}-train{train}-eval{eval_}-val{val}-probe{probe_pairs}"
+    final = os.path.join(root or cache_dir(), "sentences", key)
+    if not os.path.exists(os.path.join(final, "done")):
+        make_dirs(os.path.dirname(final), "the data cache (FTJAX_CACHE)")
+        tmp = tempfile.mkdtemp(dir=os.path.dirname(final), prefix=".tmp-")
+        sentences.write_negation_task(tmp, seed, train, eval_, val)
+        sentences.write_paraphrase_probe(os.path.join(tmp, "probe.json"), probe_pairs, seed)
+        open(os.path.join(tmp, "done"), "w").close()
+        try:
+            os.rename(tmp, final)
+        except OSError:  # another process finished first
+            shutil.rmtree(tmp, ignore_errors=True)
+    return {
+        "train": os.path.join(final, "negation_train.jsonl"),
+        "eval": os.path.join(final, "negation_eval.jsonl"),
+        "val": os.path.join(final, "negation_val.jsonl"),
+        "probe": os.path.join(final, "probe.json"),
+    }
+
+
 # ----------------------------------------------------------------------------- suite studies
 
 

@@ -21,12 +21,16 @@ import ml_collections
 
 from ftjax.data.errors import DataConfigError
 
-FORMATS = ("text", "prompt_completion", "chat")
+FORMATS = ("text", "prompt_completion", "chat", "classification")
 DEFAULT_FIELDS = {
     "text": "text",
     "prompt": "prompt",
     "completion": "completion",
     "messages": "messages",
+    # `classification` (ftjax.data.classification): `text`, the optional
+    # second text of a sentence pair ("" : none) and the label column.
+    "text_pair": "",
+    "label": "label",
 }
 
 
@@ -100,6 +104,9 @@ def default_data_config() -> ml_collections.ConfigDict:
             "dedup": False,  # drop exact duplicates (and train copies of eval examples)
             "cache_dir": "",  # datasets cache; "" uses the HF default
             "num_proc": 0,  # processes for datasets.map; 0 runs in-process
+            # `classification` sources: auto (integer labels are classes, numbers
+            # regression), class or regression.
+            "label_kind": "auto",
         }
     )
 
@@ -172,6 +179,8 @@ def validate_data_config(cfg, *, need_tokenizer: bool = True) -> list[SourceSpec
     _check(errors, _is_number(frac) and 0 <= frac < 1, "eval_fraction", "a number in [0, 1)", frac)
     for key in ("packing", "truncation", "chunk_text", "add_bos", "add_eos", "dedup"):
         _check(errors, isinstance(get(key), bool), key, "True or False", get(key))
+    _check(errors, get("label_kind") in ("auto", "class", "regression"), "label_kind",
+           "one of auto, class, regression", get("label_kind"))  # fmt: skip
     for key in ("tokenizer", "cache_dir"):
         _check(errors, isinstance(get(key), str), key, "a string", get(key))
     if need_tokenizer and not get("tokenizer"):
@@ -229,6 +238,12 @@ def validate_data_config(cfg, *, need_tokenizer: bool = True) -> list[SourceSpec
                 weight=float(weight) if _is_number(weight) else 0.0,
                 max_examples=int(max_ex) if _is_int(max_ex) else 0,
             )
+        )
+    kinds = {s.format == "classification" for s in specs}
+    if len(kinds) > 1:
+        errors.append(
+            "data.sources: classification sources cannot be mixed with language-modelling "
+            "formats in one run"
         )
     if items and not any(s.weight > 0 for s in specs) and not errors:
         errors.append("data.sources: expected at least one source with weight > 0, got all 0")

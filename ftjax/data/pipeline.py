@@ -245,6 +245,11 @@ def build_pipeline(data_cfg, tokenizer=None, process_index: int = 0,
     batching.process_slice(int(data_cfg.batch_size), process_index, process_count)
     if tokenizer is None:
         tokenizer = load_tokenizer(data_cfg.tokenizer)
+    if specs[0].format == "classification":  # validate_data_config refuses a mix
+        from ftjax.data.classification import build_classification_pipeline
+
+        return build_classification_pipeline(data_cfg, specs, tokenizer, process_index,
+                                             process_count)  # fmt: skip
     prepared = [prepare_source(spec, data_cfg, tokenizer) for spec in specs]
     if data_cfg.dedup:
         # A training copy of an eval example would inflate every eval metric.

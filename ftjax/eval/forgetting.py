@@ -18,7 +18,8 @@ from ftjax.errors import ConfigError
 
 # Metrics whose direction is known. A name with a suffix (the harness's
 # filters: `exact_match_strict-match`) takes the direction of its known prefix.
-LOWER_IS_BETTER = ("loss", "perplexity", "word_perplexity", "byte_perplexity", "bits_per_byte")
+LOWER_IS_BETTER = ("loss", "perplexity", "word_perplexity", "byte_perplexity", "bits_per_byte",
+                   "mse")  # fmt: skip
 HIGHER_IS_BETTER = (
     "accuracy",
     "token_accuracy",
@@ -30,6 +31,10 @@ HIGHER_IS_BETTER = (
     "f1",
     "bleu",
     "mcc",
+    "macro_f1",
+    "pearson",
+    "spearman",
+    "paraphrase_margin",
 )
 _BY_LENGTH = sorted(LOWER_IS_BETTER + HIGHER_IS_BETTER, key=len, reverse=True)
 

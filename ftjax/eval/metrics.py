@@ -29,7 +29,7 @@ from ftjax.errors import DataError
 
 REQUIRED_KEYS = ("input_ids", "targets", "loss_mask")
 # Model inputs passed through when a batch has them.
-MODEL_KEYS = ("attention_mask", "positions", "segment_ids")
+MODEL_KEYS = ("attention_mask", "positions", "segment_ids", "token_type_ids")
 # A metric's name in flat summary keys (`<prefix>/<set>/<name>`): the token
 # accuracy is `token_accuracy` there, beside the exact match of generated answers.
 SUMMARY_NAMES = {
@@ -37,7 +37,20 @@ SUMMARY_NAMES = {
     "perplexity": "perplexity",
     "accuracy": "token_accuracy",
     "exact_match": "exact_match",
+    # Classification (ftjax.eval.classification) and the sentence-embedding
+    # probe (ftjax.eval.embeddings): the share of rows (sentences) right is
+    # their `accuracy`, apart from the token accuracy above.
+    "share_correct": "accuracy",
+    "f1": "f1",
+    "macro_f1": "macro_f1",
+    "mcc": "mcc",
+    "pearson": "pearson",
+    "spearman": "spearman",
+    "mse": "mse",
+    "paraphrase_margin": "paraphrase_margin",
 }
+# Summary name -> the key of a metrics dict (the inverse of SUMMARY_NAMES).
+METRIC_KEYS = {summary: key for key, summary in SUMMARY_NAMES.items()}
 
 
 def perplexity(loss: float) -> float:
@@ -74,6 +87,10 @@ def _batch_sums(params, batch, *, model):
     logits = model.apply({"params": params}, batch["input_ids"], **model_inputs(batch))
     weight = batch["loss_mask"].astype(jnp.float32)
     counted = weight > 0
+    if getattr(getattr(model, "cfg", None), "is_regression", False):  # a regression head: MSE
+        err = logits[..., 0] - batch["targets"].astype(jnp.float32)
+        loss_sum = jnp.sum(jnp.where(counted, err * err * weight, 0.0))
+        return {"loss_sum": loss_sum, "correct_sum": jnp.zeros(()), "weight_sum": jnp.sum(weight)}
     nll = -token_log_probs(logits, batch["targets"])
     # `where`, not a product: padded query rows may hold non-finite logits.
     loss_sum = jnp.sum(jnp.where(counted, nll * weight, 0.0))

@@ -23,8 +23,17 @@ from collections.abc import Mapping
 import jax
 import ml_collections
 
+from ftjax.errors import ConfigError
+from ftjax.eval.classification import evaluate_classifier
+from ftjax.eval.embeddings import probe_scores, sentence_embeddings, similarity_kept
 from ftjax.eval.forgetting import forgetting
-from ftjax.eval.metrics import SUMMARY_NAMES, evaluate_batches, flatten_sets, unflatten_sets
+from ftjax.eval.metrics import (
+    METRIC_KEYS,
+    SUMMARY_NAMES,
+    evaluate_batches,
+    flatten_sets,
+    unflatten_sets,
+)
 from ftjax.eval.scoring import exact_match_on, strip_whitespace
 from ftjax.rundir import EVALUATED, RunDir, read_json, write_json_atomic
 
@@ -47,6 +56,10 @@ def default_eval_config() -> ml_collections.ConfigDict:
             # Exact match along training, at every `train.eval_every` steps, on
             # the first `curve_examples` prompts of each eval set (0: none).
             curve_examples=0,
+            # A JSON file {"pairs": [[sentence, paraphrase], ...]} (an encoder's
+            # sentence-embedding probe, ftjax.eval.embeddings): scored as the
+            # eval set `embedding` (accuracy = paraphrase retrieval), "" : none.
+            embedding_probe="",
         )
     )
 
@@ -59,7 +72,6 @@ EXTRA_EVAL_FIELDS = ("harness",)
 def validate_eval_config(ecfg) -> None:
     """Names, types and ranges of the eval section; a ConfigError naming
     `eval.<field>` on the first bad one."""
-    from ftjax.errors import ConfigError
     from ftjax.train.config import check_fields
 
     defaults = default_eval_config()
@@ -67,7 +79,7 @@ def validate_eval_config(ecfg) -> None:
     # ranges: counts >= 1 (max_examples 0: all; curve_examples 0: none), eps > 0
     for key, value in ecfg.items():
         default = defaults.get(key)
-        if key in EXTRA_EVAL_FIELDS or isinstance(default, bool):
+        if key in EXTRA_EVAL_FIELDS or isinstance(default, (bool, str)):
             continue
         if isinstance(default, int):
             lo = 0 if key in ("max_examples", "curve_examples") else 1
@@ -136,6 +148,8 @@ def _base_eval_cache_path(cfg, ecfg) -> str | None:
     ckpt = cfg.model.checkpoint
     if not ckpt or not os.path.isdir(ckpt) or not os.access(ckpt, os.W_OK):
         return None
+    if cfg.model.get("task"):  # a head drawn from each run's seed: no shared "before"
+        return None
     from ftjax.train.checkpoint import checksum_files
 
     weights = [os.path.join(ckpt, f) for f in os.listdir(ckpt) if f.endswith(".safetensors")]
@@ -150,13 +164,18 @@ def _measure(model, params, pipe, cfg, ecfg, known: Mapping | None = None) -> di
     """{set: {loss, accuracy[, exact_match]}} of `params` on the run's eval
     sets; loss and accuracy taken from `known` for the sets it has."""
     out = {}
+    labeled = getattr(pipe, "kind", "") == "classification"
     for name in pipe.eval_names:
         if known and name in known and {"loss", "accuracy"} <= set(known[name]):
-            m = {"loss": float(known[name]["loss"]), "accuracy": float(known[name]["accuracy"])}
+            m = {k: float(v) for k, v in known[name].items() if k in SUMMARY_NAMES}
         else:
             m = evaluate_batches(model, params, pipe.eval_batches(name), name=f"eval set {name!r}")
             m = {"loss": m["loss"], "accuracy": m["accuracy"]}
-        if ecfg.exact_match:
+        if labeled and "share_correct" not in m:
+            scores = evaluate_classifier(model, params, pipe.eval_batches(name),
+                                         pipe.eval_labels(name), pipe.label_kind)  # fmt: skip
+            m.update({METRIC_KEYS[k]: v for k, v in scores.items()})
+        if ecfg.exact_match and getattr(pipe, "kind", "") != "classification":
             rows = pipe.eval_rows(name)
             rows = rows.select(range(min(len(rows), ecfg.max_examples or len(rows))))
             m["exact_match"] = exact_match_on(
@@ -165,7 +184,27 @@ def _measure(model, params, pipe, cfg, ecfg, known: Mapping | None = None) -> di
                 add_bos=bool(cfg.data.add_bos), normalizer=ANSWER_NORMALIZER,
             )  # fmt: skip
         out[name] = m
+    if ecfg.get("embedding_probe"):
+        scores = probe_scores(model, params, pipe.tokenizer, probe_pairs(ecfg))
+        out[EMBEDDING_SET] = {METRIC_KEYS[k]: v for k, v in scores.items()}
     return out
+
+
+EMBEDDING_SET = "embedding"
+
+
+def probe_pairs(ecfg) -> list:
+    path = ecfg.embedding_probe
+    try:
+        pairs = read_json(path)["pairs"]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise ConfigError(
+            f"eval.embedding_probe={path!r}: expected a JSON file {{'pairs': [[a, b], ...]}} ({e})"
+        ) from None
+    if not all(isinstance(p, list) and len(p) == 2 and all(isinstance(s, str) for s in p)
+               for p in pairs):  # fmt: skip
+        raise ConfigError(f"eval.embedding_probe={path!r}: every pair must be two strings")
+    return pairs
 
 
 def evaluate_run(
@@ -207,10 +246,17 @@ def evaluate_run(
             write_json_atomic(cache, measured, indent=1)
     final = _measure(model, tuned, pipe, cfg, ecfg, known=final_sets)
     out.update(flatten_sets(final, "final"))
-    if pipe.eval_names:
+    sets = list(pipe.eval_names) + ([EMBEDDING_SET] if ecfg.get("embedding_probe") else [])
+    if ecfg.get("embedding_probe"):
+        texts = [s for pair in probe_pairs(ecfg) for s in pair]
+        out[f"final/{EMBEDDING_SET}/similarity_kept"] = similarity_kept(
+            sentence_embeddings(model, base, pipe.tokenizer, texts),
+            sentence_embeddings(model, tuned, pipe.tokenizer, texts),
+        )
+    if sets:
         before, after = _summary_named(out, "base"), _summary_named(out, "final")
-        changes = forgetting(before, after, sets=list(pipe.eval_names))
-        for name in pipe.eval_names:
+        changes = forgetting(before, after, sets=sets)
+        for name in sets:
             for key, value in changes[name].items():
                 if not key.endswith(("_before", "_after")):
                     out[f"forgetting/{name}/{key}"] = value

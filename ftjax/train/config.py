@@ -16,7 +16,8 @@ from ftjax.train.parallel import MODES
 
 # ModelConfig fields that say how the model runs, not what it is: set in the
 # `model` section (for a checkpoint and a random init alike), never in `model.init`.
-EXECUTION_OPTIONS = ("dtype", "param_dtype", "scan_layers", "remat", "attention")
+EXECUTION_OPTIONS = ("dtype", "param_dtype", "scan_layers", "remat", "attention", "task",
+                     "num_labels")  # fmt: skip
 DTYPES = ("float32", "bfloat16", "float16")
 
 
@@ -39,6 +40,12 @@ def default_model_config() -> ml_collections.ConfigDict:
             scan_layers=False,
             remat="none",  # none | full | dots | attention | offload | full_offload (REMAT_POLICIES)
             attention=defaults["attention"],  # auto | block | xla | splash | cudnn (ModelConfig)
+            # The head fine-tuning trains ("" : the checkpoint's own, or none for a
+            # random init): sequence_classification (num_labels 1: regression) or
+            # token_classification on an encoder; a head the checkpoint lacks starts
+            # from train.seed, as transformers' heads start random.
+            task="",
+            num_labels=0,
         )
     )
 

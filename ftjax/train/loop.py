@@ -33,13 +33,14 @@ import numpy as np
 
 from ftjax import peft
 from ftjax.errors import FtjaxError
+from ftjax.eval import classification
 from ftjax.eval.metrics import flatten_sets, summarize
 from ftjax.rundir import RunDir
 from ftjax.train import metrics as metrics_lib
 from ftjax.train import workdir as workdir_lib
 from ftjax.train.checkpoint import Checkpointer
 from ftjax.train.config import check_devices, validate_run_config
-from ftjax.train.parallel import Parallel, to_host
+from ftjax.train.parallel import Parallel, local_rows, to_host
 from ftjax.train.state import build_run, state_info, step_config
 from ftjax.train.step import TrainState
 
@@ -155,9 +156,10 @@ class _SkipWatch:
 
 def evaluate(par: Parallel, state, pipeline, max_batches: int = 0) -> dict:
     """Token-level loss/perplexity/accuracy per named eval set (exact sums)."""
-    sets = {}
+    sets, scores = {}, {}
     for name in pipeline.eval_names:
         totals = {"loss_sum": 0.0, "correct_sum": 0.0, "weight_sum": 0.0}
+        rows, predictions = [], []
         for i, batch in enumerate(pipeline.eval_batches(name)):
             if max_batches and i >= max_batches:
                 break
@@ -165,8 +167,17 @@ def evaluate(par: Parallel, state, pipeline, max_batches: int = 0) -> dict:
             totals["loss_sum"] += float(to_host(sums["loss_sum"]))
             totals["correct_sum"] += float(to_host(sums["correct_sum"]))
             totals["weight_sum"] += float(to_host(sums["count"]))
+            if "predictions" in sums:
+                rows.append(batch["example_index"])
+                predictions.append(local_rows(sums["predictions"]))
         sets[name] = summarize(totals, f"eval set {name!r}")  # the one reduction and perplexity
+        if predictions:
+            scores[name] = classification.score_eval_set(
+                pipeline.eval_labels(name), rows, predictions, pipeline.label_kind
+            )
     out = flatten_sets(sets, "eval", metrics=("loss", "perplexity", "accuracy"))
+    for name, values in scores.items():
+        out.update({f"eval/{name}/{k}": v for k, v in values.items()})
     if sets:
         out["eval/loss"] = float(np.mean([m["loss"] for m in sets.values()]))
     return out
@@ -229,6 +240,7 @@ def _build(cfg, workdir: str) -> _Setup:
     )
     metrics_lib.log(pipeline.stats_line())
     start = build_run(cfg)
+    _check_task(pipeline, start.model.cfg)
     info = state_info(start.state, start.method)
     metrics_lib.log(
         f"method {cfg.method.name}: {info.n_trainable:,} trainable of {info.n_total:,} "
@@ -257,6 +269,23 @@ def _build(cfg, workdir: str) -> _Setup:
         start.schedule, par, par.place_state(start.state), ckpt,
         info.flops_per_token(model.cfg, int(cfg.data.seq_len)), info.train_state_bytes,
     )  # fmt: skip
+
+
+def _check_task(pipeline, model_cfg) -> None:
+    """Classification data needs a classification head, and the head the labels."""
+    labeled = getattr(pipeline, "kind", "") == "classification"
+    if labeled and model_cfg.task != "sequence_classification":
+        raise FtjaxError(
+            f"data: classification sources need model.task='sequence_classification'; the "
+            f"model's task is {model_cfg.task!r}"
+        )
+    if not labeled and model_cfg.task:
+        raise FtjaxError(
+            f"model.task={model_cfg.task!r} needs classification data (sources of format "
+            "'classification')"
+        )
+    if labeled:
+        pipeline.check_labels(model_cfg.num_labels)
 
 
 def _restore(setup: _Setup):

@@ -59,6 +59,14 @@ def loss_sums(logits, targets, mask, label_smoothing: float = 0.0, z_loss: float
     return jnp.sum(losses * mask), jnp.sum(correct * mask)
 
 
+def regression_sums(values, targets, mask):
+    """(masked squared-error sum, 0): the MSE loss of a regression head
+    (`transformers`' loss for num_labels == 1); there is no accuracy."""
+    mask = mask.astype(jnp.float32)
+    err = values.astype(jnp.float32) - targets.astype(jnp.float32)
+    return jnp.sum(err * err * mask), jnp.zeros((), jnp.float32)
+
+
 def chunked_loss_sums(
     logits_fn,
     head,

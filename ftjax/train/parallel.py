@@ -306,7 +306,10 @@ class Parallel:
         with self.tracing():
             sums = self._eval_fn(state.trainable, state.frozen, batch)
         if self.mode == "pmap":
+            rows = sums.pop("predictions", None)
             sums = jax.tree.map(lambda x: x[0], sums)
+            if rows is not None:  # one block of rows per device, in device order
+                sums["predictions"] = np.asarray(rows).reshape((-1,) + rows.shape[2:])
         return sums
 
     def lower_train_step(self, state, batch):
@@ -331,6 +334,15 @@ def _optimizer_on_device(step_fn, device_shardings):
         return step_fn(state._replace(opt_state=opt_state), batch)
 
     return step
+
+
+def local_rows(x) -> np.ndarray:
+    """This process's rows of a batch-sharded array (all rows with one process),
+    in order; a shard replicated over the model axis counts once."""
+    if not isinstance(x, jax.Array) or x.is_fully_addressable:
+        return np.asarray(jax.device_get(x))
+    shards = {s.index[0].start or 0: s.data for s in x.addressable_shards}
+    return np.concatenate([np.asarray(shards[k]) for k in sorted(shards)])
 
 
 def to_host(x):

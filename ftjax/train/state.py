@@ -145,7 +145,7 @@ def load_base(mcfg, seed: int):
     (dtype, param_dtype, scan_layers, remat, attention) apply to both."""
     options = execution_options(mcfg)
     if mcfg.checkpoint:
-        model, params = from_pretrained(mcfg.checkpoint, **options)
+        model, params = from_pretrained(mcfg.checkpoint, **options, head_seed=seed)
         ignored = ignored_init_fields(mcfg, model.cfg)
         if ignored:
             metrics_lib.log(f"warning: {ignored}")

@@ -31,6 +31,7 @@ from ftjax.models.registry import get_family
 from ftjax.train.loss import (
     chunked_loss_sums,
     loss_sums,
+    regression_sums,
     resolve_loss_chunk,
     token_losses,  # noqa: F401  (re-exported; it lived here)
 )
@@ -64,6 +65,8 @@ class StepConfig(NamedTuple):
 
 def _forward(model, params, batch, rng, deterministic, **kwargs):
     rngs = {} if rng is None else {"dropout": rng}
+    if "token_type_ids" in batch:  # sentence pairs of an encoder's classification data
+        kwargs["token_type_ids"] = batch["token_type_ids"]
     return model.apply(
         {"params": params},
         batch["input_ids"],
@@ -90,6 +93,8 @@ def _sums(params, batch, rng, model, *, deterministic, chunk, label_smoothing=0.
     """(masked loss sum, masked correct count) of `batch`, dense or chunked."""
     if not chunk:
         logits = _forward(model, params, batch, rng, deterministic)
+        if _is_regression(model):
+            return regression_sums(logits[..., 0], batch["targets"], batch["loss_mask"])
         return loss_sums(logits, batch["targets"], batch["loss_mask"], label_smoothing, z_loss)
     hidden = _forward(model, params, batch, rng, deterministic, return_hidden=True)
     cfg = model.cfg
@@ -106,6 +111,18 @@ def _sums(params, batch, rng, model, *, deterministic, chunk, label_smoothing=0.
         z_loss=z_loss,
         rng=head_rng,
     )
+
+
+def _is_regression(model) -> bool:
+    cfg = getattr(model, "cfg", None)
+    return bool(cfg is not None and getattr(cfg, "is_regression", False))
+
+
+def predictions(model, params, batch):
+    """Per-target predictions of a classification model: the argmax class, or
+    the regression value (what `ftjax.eval.classification` scores)."""
+    logits = _forward(model, params, batch, None, True)
+    return logits[..., 0] if _is_regression(model) else jnp.argmax(logits, -1).astype(jnp.int32)
 
 
 def _loss_sum(trainable, frozen, batch, rng, model, cfg: StepConfig):
@@ -208,4 +225,8 @@ def eval_step(trainable, frozen, batch, *, model, axis_name=None, loss_chunk: in
         "correct_sum": correct_sum,
         "count": jnp.sum(batch["loss_mask"].astype(jnp.float32)),
     }
-    return out if axis_name is None else jax.lax.psum(out, axis_name)
+    out = out if axis_name is None else jax.lax.psum(out, axis_name)
+    if getattr(getattr(model, "cfg", None), "task", ""):
+        # Per-row predictions (not sums) for F1, MCC and correlations, each row's own.
+        out["predictions"] = predictions(model, params, batch)
+    return out
