@@ -184,3 +184,22 @@ def test_every_registered_method_has_a_benchmark_config():
     for name in known_methods():
         method = peft.build_method(method_config(name, rank=16, alpha=32))
         assert method.name == name
+
+
+def test_peak_vs_full_divides_by_the_same_frameworks_full():
+    from ftjax.bench.results import peak_vs_full
+
+    rows = [
+        {"framework": "ftjax", "method": "full", "rss_peak": 400},
+        {"framework": "ftjax", "method": "lora", "rss_peak": 100},
+        {"framework": "ftjax", "method": "lora", "variant": "scan", "rss_peak": 50},
+        {"framework": "torch", "method": "full", "rss_peak": 800},
+        {"framework": "torch", "method": "lora", "rss_peak": 200},
+        {"framework": "tunix", "method": "lora", "rss_peak": 10},  # no full to compare with
+    ]
+    assert peak_vs_full(rows) == {
+        ("ftjax", "full"): 1.0,
+        ("ftjax", "lora"): 0.25,
+        ("torch", "full"): 1.0,
+        ("torch", "lora"): 0.25,
+    }

@@ -167,6 +167,19 @@ def _tunix() -> bool:
     return importlib.util.find_spec("tunix") is not None
 
 
+def peak_vs_full(mem_rows: list[dict], key: str = "rss_peak") -> dict[tuple[str, str], float]:
+    """Each (framework, method)'s peak memory over its framework's full
+    tuning's, from the memory rows (variants left out); what the docs' cost
+    table and the LoRA memory goal read."""
+    rows = [r for r in mem_rows if not r.get("variant") and r.get(key)]
+    full = {r["framework"]: r[key] for r in rows if r["method"] == "full"}
+    return {
+        (r["framework"], r["method"]): r[key] / full[r["framework"]]
+        for r in rows
+        if r["framework"] in full
+    }
+
+
 def goals(results: dict) -> list[dict]:
     """The issue's goals, each with its measured value (None: not measured)."""
     base = [r for r in results["train"] if not r.get("variant")]
@@ -178,11 +191,7 @@ def goals(results: dict) -> list[dict]:
     mem_rows = [r for r in results["memory"] if not r.get("variant")] or [
         {"framework": r["framework"], "method": r["method"], **(r["memory"] or {})} for r in base
     ]
-    key = "device_peak" if gpu else "rss_peak"
-    mem = {(r["framework"], r["method"]): r.get(key) for r in mem_rows}
-    mem_ratio = None
-    if mem.get(("ftjax", "lora")) and mem.get(("ftjax", "full")):
-        mem_ratio = mem[("ftjax", "lora")] / mem[("ftjax", "full")]
+    mem_ratio = peak_vs_full(mem_rows, "device_peak" if gpu else "rss_peak").get(("ftjax", "lora"))
     spec = [
         (
             "ftjax LoRA step >= 1.25x faster than full tuning",
@@ -290,10 +299,13 @@ def markdown(results: dict) -> str:
             "method's own process (setup transients excluded):",
             "",
             "| framework | method | weights + grads-free state MB (trainable / frozen / optimizer) "
-            "| process base MB | peak RSS MB | peak above base MB | device peak MB |",
-            "|---|---|---:|---:|---:|---:|---:|",
+            "| process base MB | peak RSS MB | peak above base MB | device peak MB | peak vs full |",
+            "|---|---|---:|---:|---:|---:|---:|---:|",
         ]
+        gpu = results["machine"].get("backend") not in (None, "cpu")
+        ratios = peak_vs_full(results["memory"], "device_peak" if gpu else "rss_peak")
         for r in results["memory"]:
+            ratio = None if r.get("variant") else ratios.get((r["framework"], r["method"]))
             if r.get("variant"):
                 r = {**r, "method": f"{r['method']}@{r['variant']}"}
             sb = r.get("state_bytes") or {}
@@ -301,7 +313,8 @@ def markdown(results: dict) -> str:
             lines.append(
                 f"| {r['framework']} | {r['method']} | {_mb(sb.get('trainable'))} / "
                 f"{_mb(sb.get('frozen'))} / {_mb(sb.get('opt_state'))} | {_mb(r.get('rss_base'))} "
-                f"| {_mb(r.get('rss_peak'))} | {_mb(above)} | {_mb(r.get('device_peak'))} |"
+                f"| {_mb(r.get('rss_peak'))} | {_mb(above)} | {_mb(r.get('device_peak'))} "
+                f"| {_f(ratio, '.2f', suffix='x')} |"
             )
     lines += ["", "| goal | measured | target | met |", "|---|---:|---:|---|"]
     for g in results["goals"]:
