@@ -293,3 +293,42 @@ def test_methods_quick_sweep_and_report(tmp_path):
     md = open(write_report(str(tmp_path))).read()
     for label in selection["rows"]:
         assert f"| {label} |" in md, label
+
+
+# ----------------------------------------------------------------------------- MiniLM
+
+MINILM_STUDY = os.path.join(ROOT, "experiments", "minilm", "study.py")
+
+
+def test_minilm_quick_sweep_and_report(tmp_path):
+    """The real-weights study end to end (quick): MiniLM loaded from the
+    installed package with a fresh head per seed, classification metrics on
+    the test and validation sets, the sentence-embedding probe before and
+    after, and the report on target accuracy against paraphrase retrieval."""
+    proc = script(
+        "sweep.py", f"--config={MINILM_STUDY}:quick=1", f"--workdir={tmp_path}", "--quiet",
+        "--jobs=2",
+    )  # fmt: skip
+    out, err = proc.communicate(timeout=900)
+    assert proc.returncode == 0, err[-3000:]
+    selection = json.load(open(tmp_path / "selection.json"))
+    assert set(selection["rows"]) == {"full", "lora r=8 (q,v)"}
+    for row in selection["rows"].values():
+        for name in row["runs"]:
+            s = json.load(open(tmp_path / name / "summary.json"))
+            for key in (
+                "final/target/accuracy",
+                "final/target/mcc",
+                "final/target_val/accuracy",
+                "base/embedding/accuracy",
+                "final/embedding/accuracy",
+                "forgetting/embedding/accuracy_drop",
+                "final/embedding/similarity_kept",
+            ):
+                assert key in s, (name, key)  # fmt: skip
+            assert s["forgetting/embedding/accuracy_drop"] == pytest.approx(
+                s["base/embedding/accuracy"] - s["final/embedding/accuracy"]
+            )
+            assert -1.0 <= s["final/embedding/similarity_kept"] <= 1.0
+    md = open(write_report(str(tmp_path), general="embedding", metric="accuracy")).read()
+    assert "| full |" in md and "| lora r=8 (q,v) |" in md

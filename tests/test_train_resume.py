@@ -23,6 +23,8 @@ pytestmark = pytest.mark.slow  # training runs in subprocesses, killed and resum
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIG = os.path.join(ROOT, "experiments", "quick", "train.py")
+# A classification run (encoder, head, labeled data): arg "classify:<method arg>".
+CLASSIFY = os.path.join(ROOT, "experiments", "quick", "classify.py")
 STEPS = 16
 LONG = "--config.train.steps=100000"
 # The lr schedule then does not depend on train.steps, so a run stopped early and
@@ -32,7 +34,10 @@ TMP_SUFFIX = ".orbax-checkpoint-tmp"
 
 
 def train_cmd(workdir, arg="method=full", *extra):
-    return script_cmd("train.py", f"--config={CONFIG}:{arg}", f"--workdir={workdir}", *extra)
+    config = CONFIG
+    if arg.startswith("classify:"):
+        config, arg = CLASSIFY, arg.removeprefix("classify:")
+    return script_cmd("train.py", f"--config={config}:{arg}", f"--workdir={workdir}", *extra)
 
 
 def run(workdir, arg="method=full", env_extra=None, *extra, check=True):
@@ -134,7 +139,9 @@ def resume_and_compare(reference, workdir, arg, resumed_from):
     assert logged_steps(workdir) == list(range(1, STEPS + 1))
 
 
-@pytest.mark.parametrize("arg", ["method=full", "method=lora,rank=4"])
+@pytest.mark.parametrize(
+    "arg", ["method=full", "method=lora,rank=4", "classify:method=lora,rank=4"]
+)
 def test_sigkill_then_resume_is_bit_identical(reference, tmp_path, arg):
     proc = start(tmp_path / "run", arg)
     wait_for(proc, lambda: 4 in checkpoint_steps(tmp_path / "run"), "checkpoint 4")

@@ -51,15 +51,19 @@ class LabeledSet:
     token_type_ids: np.ndarray
     labels: np.ndarray  # (n,) int32 classes or float32 values
     rows: np.ndarray  # (n,) row of each example in the raw split
-    truncated: int
+    cut: np.ndarray  # (n,) bool: the example was longer than seq_len and truncated
 
     def __len__(self) -> int:
         return len(self.labels)
 
+    @property
+    def truncated(self) -> int:
+        return int(self.cut.sum())
+
     def take(self, idx) -> LabeledSet:
         idx = np.asarray(idx, np.int64)
         return LabeledSet(self.input_ids[idx], self.attention_mask[idx], self.token_type_ids[idx],
-                          self.labels[idx], self.rows[idx], 0)  # fmt: skip
+                          self.labels[idx], self.rows[idx], self.cut[idx])  # fmt: skip
 
 
 def _labels(split: RawSplit, field: str, kind: str) -> np.ndarray:
@@ -126,7 +130,7 @@ def encode_split(split: RawSplit, spec: SourceSpec, tokenizer, cfg) -> LabeledSe
     types = np.asarray(enc.get("token_type_ids", np.zeros_like(ids)), np.int32)
     ids[mask == 0] = pad_id(tokenizer)
     rows = np.arange(len(labels))
-    return LabeledSet(ids, mask, types, labels, rows, int((lengths > seq_len).sum()))
+    return LabeledSet(ids, mask, types, labels, rows, lengths > seq_len)
 
 
 @dataclasses.dataclass(eq=False)
@@ -234,6 +238,19 @@ class ClassificationPipeline:
             f"data: {len(s['sources'])} source(s), {s['train_examples']:,} train / {evals:,} eval "
             f"examples, {what} | {truncated} truncated | {s['steps_per_epoch']:.1f} steps/epoch"
         )
+
+    def check_model(self, num_labels: int, type_vocab_size: int) -> None:
+        """The model must fit the data: its head the labels, its token-type
+        table the tokenizer's segment ids (a BERT tokenizer gives a sentence
+        pair's second text type 1; RoBERTa's table has one type)."""
+        types = max(int(x.token_type_ids.max(initial=0)) for s in self.sources.values()
+                    for x in (s.train, s.eval) if x is not None)  # fmt: skip
+        if type_vocab_size and types >= type_vocab_size:
+            raise DataError(
+                f"data.tokenizer gives token type ids up to {types}, but the model has "
+                f"type_vocab_size={type_vocab_size}; expected the model's own tokenizer"
+            )
+        self.check_labels(num_labels)
 
     def check_labels(self, num_labels: int) -> None:
         """The model's head must fit the labels (the one place both are known)."""

@@ -285,7 +285,7 @@ def _check_task(pipeline, model_cfg) -> None:
             "'classification')"
         )
     if labeled:
-        pipeline.check_labels(model_cfg.num_labels)
+        pipeline.check_model(model_cfg.num_labels, model_cfg.type_vocab_size)
 
 
 def _restore(setup: _Setup):
