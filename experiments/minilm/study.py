@@ -48,7 +48,8 @@ ROWS = {
     "lora r=8 (q,v)": ("method=lora,rank=8,targets=qv", [3e-4, 1e-3]),
     "ia3": ("method=ia3", [3e-3, 1e-2]),
     "bitfit": ("method=bitfit", [1e-3, 3e-3]),
-    "head only": ("method=freeze,trainable=^classifier/", [1e-3, 3e-3]),
+    # The study preset of `freeze` trains the last layer too: 0 leaves the head alone.
+    "head only": ("method=freeze,trainable=^classifier/,last_layers=0", [1e-3, 3e-3]),
 }
 QUICK_ROWS = {
     "full": ("method=full", [1e-4]),

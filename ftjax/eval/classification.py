@@ -10,6 +10,7 @@ GLUE's own scoring uses.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 
 import numpy as np
@@ -138,15 +139,31 @@ def score_eval_set(
 
 
 def evaluate_classifier(model, params, batches, labels: np.ndarray, label_kind: str) -> dict:
-    """The metrics (`class_scores` / `regression_scores`) of `params` on an
-    eval set's batches (with `example_index`), on this host's devices."""
+    """Loss, token accuracy and the metrics of `class_scores` /
+    `regression_scores` of `params` on an eval set's batches (with
+    `example_index`), in one pass on this host's devices."""
+    from ftjax.eval.metrics import summarize
+
+    step = _compiled(model)
+    rows, preds, totals = [], [], {"loss_sum": 0.0, "correct_sum": 0.0, "weight_sum": 0.0}
+    for batch in batches:
+        sums, pred = step(params, {k: v for k, v in batch.items() if k not in ("valid",
+                                   "example_index")})  # fmt: skip
+        totals["loss_sum"] += float(sums[0])
+        totals["correct_sum"] += float(sums[1])
+        totals["weight_sum"] += float(np.sum(batch["loss_mask"]))
+        rows.append(batch["example_index"])
+        preds.append(np.asarray(pred))
+    summary = summarize(totals)
+    scores = score_eval_set(labels, rows, preds, label_kind)
+    return {"loss": summary["loss"], "token_accuracy": summary["accuracy"], **scores}
+
+
+@functools.lru_cache(maxsize=8)
+def _compiled(model):
+    """One compiled eval function per model (base and tuned share it)."""
     import jax
 
-    from ftjax.train.step import predictions
+    from ftjax.train.step import eval_sums_and_predictions
 
-    step = jax.jit(lambda p, b: predictions(model, p, b))
-    rows, preds = [], []
-    for batch in batches:
-        rows.append(batch["example_index"])
-        preds.append(np.asarray(step(params, {k: v for k, v in batch.items() if k != "valid"})))
-    return score_eval_set(labels, rows, preds, label_kind)
+    return jax.jit(lambda p, b: eval_sums_and_predictions(model, p, b))

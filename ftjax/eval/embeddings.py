@@ -17,6 +17,7 @@ the forgetting measure of an encoder trained for sentence similarity
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 
 import jax
@@ -25,23 +26,33 @@ import numpy as np
 from ftjax.eval.classification import spearman
 
 
-def sentence_embeddings(model, params, tokenizer, texts: Sequence[str], batch_size: int = 64,
-                        max_length: int = 128) -> np.ndarray:  # fmt: skip
-    """(len(texts), hidden) float64 unit vectors: masked mean of the final
-    hidden states (padding excluded), normalized."""
-    apply = jax.jit(lambda p, ids, mask, types: model.apply(
+@functools.lru_cache(maxsize=8)
+def _hidden_fn(model):
+    """One compiled forward per model (every probe call reuses it)."""
+    return jax.jit(lambda p, ids, mask, types: model.apply(
         {"params": p}, ids, attention_mask=mask, token_type_ids=types, return_hidden=True))  # fmt: skip
+
+
+def sentence_embeddings(model, params, tokenizer, texts: Sequence[str],
+                        batch_size: int = 64) -> np.ndarray:  # fmt: skip
+    """(len(texts), hidden) float64 unit vectors: masked mean of the final
+    hidden states (padding excluded), normalized. Every batch is padded to one
+    length (the longest text, rounded up to 16), so one program serves all."""
+    longest = max(len(x) for x in tokenizer(list(texts))["input_ids"])
+    length = -(-longest // 16) * 16
+    apply = _hidden_fn(model)
     out = []
     for i in range(0, len(texts), batch_size):
-        enc = tokenizer(list(texts[i : i + batch_size]), padding="max_length", truncation=True,
-                        max_length=max_length, return_tensors="np")  # fmt: skip
+        chunk = list(texts[i : i + batch_size])
+        chunk += [chunk[-1]] * (batch_size - len(chunk))  # a fixed batch shape too
+        enc = tokenizer(chunk, padding="max_length", max_length=length, return_tensors="np")
         mask = enc["attention_mask"].astype(np.int32)
         types = enc.get("token_type_ids", np.zeros_like(mask)).astype(np.int32)
         hidden = np.asarray(
             apply(params, enc["input_ids"].astype(np.int32), mask, types), np.float64
         )
         pooled = (hidden * mask[..., None]).sum(1) / np.maximum(mask.sum(1, keepdims=True), 1)
-        out.append(pooled)
+        out.append(pooled[: len(texts) - i])
     emb = np.concatenate(out)
     return emb / np.maximum(np.linalg.norm(emb, axis=1, keepdims=True), 1e-12)
 
@@ -78,8 +89,11 @@ def similarity_kept(emb_before: np.ndarray, emb_after: np.ndarray) -> float:
     return spearman((emb_before @ emb_before.T)[upper], (emb_after @ emb_after.T)[upper])
 
 
-def probe_scores(model, params, tokenizer, pairs: Sequence[Sequence[str]]) -> dict[str, float]:
-    """{accuracy: paraphrase retrieval, paraphrase_margin} of `params`."""
-    texts = [s for pair in pairs for s in pair]
-    emb = sentence_embeddings(model, params, tokenizer, texts)
+def probe_scores(emb: np.ndarray) -> dict[str, float]:
+    """{accuracy: paraphrase retrieval, paraphrase_margin} of the embeddings of
+    the probe's sentences, laid out [a_0, b_0, a_1, b_1, ...]."""
     return {"accuracy": paraphrase_retrieval(emb), "paraphrase_margin": paraphrase_margin(emb)}
+
+
+def probe_texts(pairs: Sequence[Sequence[str]]) -> list[str]:
+    return [s for pair in pairs for s in pair]

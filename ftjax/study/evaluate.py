@@ -25,7 +25,7 @@ import ml_collections
 
 from ftjax.errors import ConfigError
 from ftjax.eval.classification import evaluate_classifier
-from ftjax.eval.embeddings import probe_scores, sentence_embeddings, similarity_kept
+from ftjax.eval.embeddings import probe_scores, probe_texts, sentence_embeddings, similarity_kept
 from ftjax.eval.forgetting import forgetting
 from ftjax.eval.metrics import (
     METRIC_KEYS,
@@ -160,7 +160,8 @@ def _base_eval_cache_path(cfg, ecfg) -> str | None:
     return os.path.join(ckpt, f"base_eval-{hashlib.sha256(key.encode()).hexdigest()[:12]}.json")
 
 
-def _measure(model, params, pipe, cfg, ecfg, known: Mapping | None = None) -> dict:
+def _measure(model, params, pipe, cfg, ecfg, known: Mapping | None = None,
+             embeddings_out: list | None = None) -> dict:  # fmt: skip
     """{set: {loss, accuracy[, exact_match]}} of `params` on the run's eval
     sets; loss and accuracy taken from `known` for the sets it has."""
     out = {}
@@ -168,13 +169,13 @@ def _measure(model, params, pipe, cfg, ecfg, known: Mapping | None = None) -> di
     for name in pipe.eval_names:
         if known and name in known and {"loss", "accuracy"} <= set(known[name]):
             m = {k: float(v) for k, v in known[name].items() if k in SUMMARY_NAMES}
+        elif labeled:  # loss and every classification metric from one pass
+            scores = evaluate_classifier(model, params, pipe.eval_batches(name),
+                                         pipe.eval_labels(name), pipe.label_kind)  # fmt: skip
+            m = {METRIC_KEYS[k]: v for k, v in scores.items()}
         else:
             m = evaluate_batches(model, params, pipe.eval_batches(name), name=f"eval set {name!r}")
             m = {"loss": m["loss"], "accuracy": m["accuracy"]}
-        if labeled and "share_correct" not in m:
-            scores = evaluate_classifier(model, params, pipe.eval_batches(name),
-                                         pipe.eval_labels(name), pipe.label_kind)  # fmt: skip
-            m.update({METRIC_KEYS[k]: v for k, v in scores.items()})
         if ecfg.exact_match and getattr(pipe, "kind", "") != "classification":
             rows = pipe.eval_rows(name)
             rows = rows.select(range(min(len(rows), ecfg.max_examples or len(rows))))
@@ -185,8 +186,10 @@ def _measure(model, params, pipe, cfg, ecfg, known: Mapping | None = None) -> di
             )  # fmt: skip
         out[name] = m
     if ecfg.get("embedding_probe"):
-        scores = probe_scores(model, params, pipe.tokenizer, probe_pairs(ecfg))
-        out[EMBEDDING_SET] = {METRIC_KEYS[k]: v for k, v in scores.items()}
+        emb = sentence_embeddings(model, params, pipe.tokenizer, probe_texts(probe_pairs(ecfg)))
+        out[EMBEDDING_SET] = {METRIC_KEYS[k]: v for k, v in probe_scores(emb).items()}
+        if embeddings_out is not None:
+            embeddings_out.append(emb)
     return out
 
 
@@ -236,23 +239,25 @@ def evaluate_run(
     base = result.base_params
 
     out: dict = dict(extra or {})
+    probe: list = []  # the probe's embeddings, base then tuned (when measured here)
     cache = _base_eval_cache_path(cfg, ecfg)
     if cache and os.path.exists(cache):
         out.update(read_json(cache))
     else:
-        measured = flatten_sets(_measure(model, base, pipe, cfg, ecfg), "base")
+        measured = flatten_sets(
+            _measure(model, base, pipe, cfg, ecfg, embeddings_out=probe), "base"
+        )
         out.update(measured)
         if cache:
             write_json_atomic(cache, measured, indent=1)
-    final = _measure(model, tuned, pipe, cfg, ecfg, known=final_sets)
+    final = _measure(model, tuned, pipe, cfg, ecfg, known=final_sets, embeddings_out=probe)
     out.update(flatten_sets(final, "final"))
     sets = list(pipe.eval_names) + ([EMBEDDING_SET] if ecfg.get("embedding_probe") else [])
     if ecfg.get("embedding_probe"):
-        texts = [s for pair in probe_pairs(ecfg) for s in pair]
-        out[f"final/{EMBEDDING_SET}/similarity_kept"] = similarity_kept(
-            sentence_embeddings(model, base, pipe.tokenizer, texts),
-            sentence_embeddings(model, tuned, pipe.tokenizer, texts),
-        )
+        if len(probe) < 2:  # the base's came from the cache
+            texts = probe_texts(probe_pairs(ecfg))
+            probe.insert(0, sentence_embeddings(model, base, pipe.tokenizer, texts))
+        out[f"final/{EMBEDDING_SET}/similarity_kept"] = similarity_kept(probe[0], probe[-1])
     if sets:
         before, after = _summary_named(out, "base"), _summary_named(out, "final")
         changes = forgetting(before, after, sets=sets)

@@ -125,6 +125,13 @@ def predictions(model, params, batch):
     return logits[..., 0] if _is_regression(model) else jnp.argmax(logits, -1).astype(jnp.int32)
 
 
+def eval_sums_and_predictions(model, params, batch):
+    """((loss sum, correct sum), per-row predictions) of a classification
+    batch with plain params, one forward pass (ftjax.eval.classification)."""
+    sums = _sums(params, batch, None, model, deterministic=True, chunk=0)
+    return sums, predictions(model, params, batch)
+
+
 def _loss_sum(trainable, frozen, batch, rng, model, cfg: StepConfig):
     params = peft.combine(trainable, frozen)
     return _sums(

@@ -17,8 +17,8 @@ def _check(opts):
             "method.trainable: method 'freeze' needs a regex `trainable` or `last_layers`"
         )
     k = opts["last_layers"]
-    if k is not None and (not isinstance(k, int) or isinstance(k, bool) or k < 1):
-        raise PeftError(f"method.last_layers: must be a positive integer, got {k!r}")
+    if k is not None and (not isinstance(k, int) or isinstance(k, bool) or k < 0):
+        raise PeftError(f"method.last_layers: must be an integer >= 0 (0: none), got {k!r}")
 
 
 def _last_layers(paths: Sequence[str], k: int) -> set[str]:
@@ -63,7 +63,7 @@ SPEC = register(
         name="freeze",
         options={
             "trainable": Option(None, str, "regex of the parameter paths that train"),
-            "last_layers": Option(None, int, "the last k decoder layers train"),
+            "last_layers": Option(None, int, "the last k decoder layers train (0: none)"),
         },
         build=_build,
         check=_check,
