@@ -118,3 +118,69 @@ def test_mixing_with_language_modelling_sources_is_refused(tmp_path, tokenizer):
                           format="text")  # fmt: skip
     with pytest.raises(DataError, match="cannot be mixed with language-modelling"):
         build_pipeline(cfg, tokenizer)
+
+
+def _tagged(n):
+    words = ["the", "unbelievably", "quiet", "nurse", "reads"]
+    return [{"tokens": words[: 2 + i % 4], "tags": [j % 3 for j in range(2 + i % 4)]}
+            for i in range(n)]  # fmt: skip
+
+
+def _token_config(tmp_path, rows, eval_rows):
+    cfg = default_data_config()
+    cfg.sources = {"ner": dict(path=write_jsonl(os.path.join(tmp_path, "t.jsonl"), rows),
+                               eval_path=write_jsonl(os.path.join(tmp_path, "e.jsonl"), eval_rows),
+                               format="token_classification")}  # fmt: skip
+    cfg.update(seq_len=12, batch_size=4)
+    return cfg
+
+
+def test_token_labels_sit_on_each_words_first_piece(tmp_path, tokenizer):
+    rows = _tagged(8)
+    pipe = build_pipeline(_token_config(tmp_path, rows, rows[:3]), tokenizer)
+    assert pipe.label_kind == "token" and pipe.num_classes == 3
+    batch = pipe.batch_at(0)
+    assert batch["targets"].shape == batch["loss_mask"].shape == (4, 12)
+    pieces = tokenizer.tokenize("unbelievably")
+    assert len(pieces) > 1  # the check below is about a word split into pieces
+    for r, i in enumerate(pipe.rows_at(0)):
+        words, tags = rows[i]["tokens"], rows[i]["tags"]
+        # [CLS], then each word's pieces: its tag on the first, nothing on the rest.
+        expected_mask, expected_tags = [0], []
+        for w, t in zip(words, tags):
+            n = len(tokenizer.tokenize(w))
+            expected_mask += [1] + [0] * (n - 1)
+            expected_tags.append(t)
+        expected_mask += [0] * (12 - len(expected_mask))
+        assert batch["loss_mask"][r].tolist() == expected_mask
+        assert batch["targets"][r][batch["loss_mask"][r] > 0].tolist() == expected_tags
+
+
+def test_token_rows_are_checked(tmp_path, tokenizer):
+    rows = _tagged(4)
+    rows[2]["tags"] = rows[2]["tags"][:-1]
+    with pytest.raises(DataError, match="t.jsonl line 3: fields 'tokens', 'tags' are"):
+        build_pipeline(_token_config(tmp_path, rows, rows[:1]), tokenizer)
+
+
+@pytest.mark.slow
+def test_token_classification_trains_and_scores(tmp_path):
+    """A tiny BERT token classifier through the loop: per-token loss on first
+    pieces only, and accuracy / macro-F1 over the labeled tokens."""
+    from ftjax.train import default_config, train
+
+    cfg = default_config()
+    cfg.data = _token_config(tmp_path, _tagged(32), _tagged(8))
+    cfg.data.tokenizer = minilm_dir()
+    cfg.model.init.update(model_type="bert", vocab_size=30522, hidden_size=32,
+                          intermediate_size=48, num_layers=2, num_heads=4, num_kv_heads=4,
+                          max_position_embeddings=32, type_vocab_size=2)  # fmt: skip
+    cfg.model.update(task="token_classification", num_labels=3)
+    cfg.method = {"name": "lora", "rank": 4, "targets": "qv"}
+    cfg.optim.update(lr=1e-2, warmup_steps=1)
+    cfg.train.update(steps=30, log_every=10, tensorboard=False)
+    summary = train(cfg, str(tmp_path / "run"), quiet=True).summary
+    # The tags are a function of the word's position: learnable from positions.
+    assert summary["eval/ner/accuracy"] > 0.6
+    assert {"eval/ner/macro_f1", "eval/ner/mcc"} <= set(summary)
+    assert summary["eval/ner/accuracy"] == pytest.approx(summary["eval/ner/token_accuracy"])

@@ -105,10 +105,65 @@ def _texts(split: RawSplit, field: str) -> list[str]:
     return out
 
 
+def _word_rows(split: RawSplit, spec: SourceSpec) -> tuple[list[list[str]], list[list[int]]]:
+    """The `tokens` (words) and `tags` (a class per word) of a token
+    classification split, checked row by row."""
+    out = []
+    for key in ("tokens", "tags"):
+        field = spec.field(key)
+        if field not in split.dataset.column_names:
+            raise DataError(
+                f"{split.origin}: no field {field!r}; format 'token_classification' reads "
+                f"{key} (columns found: {split.dataset.column_names}; rename with fields.{key}=...)"
+            )
+        out.append(list(split.dataset[field]))
+    words, tags = out
+    for i, (w, t) in enumerate(zip(words, tags)):
+        ok_words = isinstance(w, list) and w and all(isinstance(x, str) for x in w)
+        ok_tags = isinstance(t, list) and all(
+            isinstance(x, int) and not isinstance(x, bool) and x >= 0 for x in t
+        )
+        if not (ok_words and ok_tags and len(w) == len(t)):
+            raise DataError(
+                f"{split.locate(i)}: fields {spec.field('tokens')!r}, {spec.field('tags')!r} are "
+                f"{w!r}, {t!r}; expected a non-empty list of words and one class index >= 0 each"
+            )
+    return words, tags
+
+
+def encode_words(split: RawSplit, spec: SourceSpec, tokenizer, cfg) -> LabeledSet:
+    """Token classification: each word's class on its first sub-token, -1
+    (not trained, not scored) on the others and on special tokens, as
+    `transformers`' token-classification examples align labels."""
+    seq_len = int(cfg.seq_len)
+    words, tags = _word_rows(split, spec)
+    lengths = np.array([len(x) for x in tokenizer(words, is_split_into_words=True)["input_ids"]])
+    if not cfg.truncation and (lengths > seq_len).any():
+        i = int(np.argmax(lengths > seq_len))
+        raise DataError(f"{split.locate(i)}: {lengths[i]} tokens, longer than data.seq_len="
+                        f"{seq_len} (set data.truncation=True to cut it)")  # fmt: skip
+    enc = tokenizer(words, is_split_into_words=True, truncation=True, max_length=seq_len,
+                    padding="max_length", return_token_type_ids=True)  # fmt: skip
+    labels = np.full((len(words), seq_len), -1, np.int32)
+    for i in range(len(words)):
+        previous = None
+        for j, w in enumerate(enc.word_ids(i)):
+            if w is not None and w != previous:
+                labels[i, j] = tags[i][w]
+            previous = w
+    ids = np.asarray(enc["input_ids"], np.int32)
+    mask = np.asarray(enc["attention_mask"], np.int32)
+    types = np.asarray(enc.get("token_type_ids", np.zeros_like(ids)), np.int32)
+    ids[mask == 0] = pad_id(tokenizer)
+    return LabeledSet(ids, mask, types, labels, np.arange(len(words)), lengths > seq_len)
+
+
 def encode_split(split: RawSplit, spec: SourceSpec, tokenizer, cfg) -> LabeledSet:
     """Tokenizes one split with the tokenizer's special tokens, padded to
     `seq_len`; longer examples are cut (counted) or, with `truncation=False`,
     refused with their location."""
+    if spec.format == "token_classification":
+        return encode_words(split, spec, tokenizer, cfg)
     seq_len = int(cfg.seq_len)
     texts = _texts(split, spec.field("text"))
     pair_field = spec.field("text_pair")
@@ -184,7 +239,7 @@ class ClassificationPipeline:
             raise DataError(f"source {training[0].spec.name!r}: no training examples")
         kinds = {s.spec.name: _kind(x) for s in sources for x in (s.train, s.eval) if x is not None}
         if len(set(kinds.values())) > 1:
-            raise DataError(f"data.sources: mixed class and regression labels ({kinds})")
+            raise DataError(f"data.sources: mixed kinds of labels ({kinds})")
         self.label_kind = next(iter(kinds.values()))
         self.num_classes = (
             int(
@@ -196,7 +251,7 @@ class ClassificationPipeline:
                 )
                 + 1
             )  # fmt: skip
-            if self.label_kind == "class"
+            if self.label_kind in ("class", "token")
             else 0
         )
         n = len(self.train)
@@ -233,7 +288,8 @@ class ClassificationPipeline:
         s = self.stats
         evals = sum(v["eval_examples"] for v in s["sources"].values())
         truncated = sum(v["truncated"] for v in s["sources"].values())
-        what = f"{s['num_classes']} classes" if s["label_kind"] == "class" else "regression"
+        what = {"class": f"{s['num_classes']} classes", "regression": "regression",
+                "token": f"{s['num_classes']} classes per token"}[s["label_kind"]]  # fmt: skip
         return (
             f"data: {len(s['sources'])} source(s), {s['train_examples']:,} train / {evals:,} eval "
             f"examples, {what} | {truncated} truncated | {s['steps_per_epoch']:.1f} steps/epoch"
@@ -257,7 +313,7 @@ class ClassificationPipeline:
         if self.label_kind == "regression" and num_labels != 1:
             raise DataError(f"the data's labels are numbers (regression); model.num_labels="
                             f"{num_labels}, expected 1")  # fmt: skip
-        if self.label_kind == "class" and self.num_classes > num_labels:
+        if self.label_kind in ("class", "token") and self.num_classes > num_labels:
             raise DataError(
                 f"the data has class labels up to {self.num_classes - 1}; model.num_labels="
                 f"{num_labels} (expected at least {self.num_classes})"
@@ -313,16 +369,23 @@ class ClassificationPipeline:
 
 
 def _kind(x: LabeledSet) -> str:
+    if x.labels.ndim == 2:
+        return "token"
     return "class" if x.labels.dtype == np.int32 else "regression"
 
 
 def _assemble(ex: LabeledSet, valid: np.ndarray) -> dict[str, np.ndarray]:
+    valid = valid.astype(np.float32)[:, None]
+    if ex.labels.ndim == 2:  # a class per token; -1 marks tokens not trained on
+        targets, loss_mask = np.maximum(ex.labels, 0), (ex.labels >= 0) * valid
+    else:
+        targets, loss_mask = ex.labels[:, None], valid
     return {
         "input_ids": ex.input_ids,
         "attention_mask": ex.attention_mask,
         "token_type_ids": ex.token_type_ids,
-        "targets": ex.labels[:, None],
-        "loss_mask": valid.astype(np.float32)[:, None],
+        "targets": targets,
+        "loss_mask": loss_mask.astype(np.float32),
     }
 
 

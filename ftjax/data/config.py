@@ -21,7 +21,9 @@ import ml_collections
 
 from ftjax.data.errors import DataConfigError
 
-FORMATS = ("text", "prompt_completion", "chat", "classification")
+FORMATS = ("text", "prompt_completion", "chat", "classification", "token_classification")
+# Formats of labeled data (ftjax.data.classification), one run uses only these.
+LABELED_FORMATS = ("classification", "token_classification")
 DEFAULT_FIELDS = {
     "text": "text",
     "prompt": "prompt",
@@ -31,6 +33,9 @@ DEFAULT_FIELDS = {
     # second text of a sentence pair ("" : none) and the label column.
     "text_pair": "",
     "label": "label",
+    # `token_classification`: a list of words and a class index per word.
+    "tokens": "tokens",
+    "tags": "tags",
 }
 
 
@@ -239,7 +244,7 @@ def validate_data_config(cfg, *, need_tokenizer: bool = True) -> list[SourceSpec
                 max_examples=int(max_ex) if _is_int(max_ex) else 0,
             )
         )
-    kinds = {s.format == "classification" for s in specs}
+    kinds = {s.format in LABELED_FORMATS for s in specs}
     if len(kinds) > 1:
         errors.append(
             "data.sources: classification sources cannot be mixed with language-modelling "

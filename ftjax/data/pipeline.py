@@ -18,7 +18,7 @@ import datasets
 import numpy as np
 
 from ftjax.data import batching, stats
-from ftjax.data.config import SourceSpec, validate_data_config
+from ftjax.data.config import LABELED_FORMATS, SourceSpec, validate_data_config
 from ftjax.data.errors import DataError
 from ftjax.data.sources import RawSplit, carve_eval, load_source
 from ftjax.data.tokenize import Examples, fit_to_length, load_tokenizer, pad_id, tokenize_split
@@ -245,7 +245,7 @@ def build_pipeline(data_cfg, tokenizer=None, process_index: int = 0,
     batching.process_slice(int(data_cfg.batch_size), process_index, process_count)
     if tokenizer is None:
         tokenizer = load_tokenizer(data_cfg.tokenizer)
-    if specs[0].format == "classification":  # validate_data_config refuses a mix
+    if specs[0].format in LABELED_FORMATS:  # validate_data_config refuses a mix
         from ftjax.data.classification import build_classification_pipeline
 
         return build_classification_pipeline(data_cfg, specs, tokenizer, process_index,

@@ -124,18 +124,22 @@ def score_eval_set(
     if jax.process_count() > 1:  # each process scored its own rows
         from jax.experimental import multihost_utils
 
+        width = preds.shape[1]
         index = np.asarray(multihost_utils.process_allgather(index)).reshape(-1)
-        preds = np.asarray(multihost_utils.process_allgather(preds)).reshape(len(index), -1)
+        preds = np.asarray(multihost_utils.process_allgather(preds)).reshape(len(index), width)
     keep = index >= 0
-    index, preds = index[keep], preds[keep, 0]
+    index, preds = index[keep], preds[keep]
     order = np.argsort(index, kind="stable")
     index, preds = index[order], preds[order]
     index, first = np.unique(index, return_index=True)  # a row seen twice counts once
     preds = preds[first]
     truth = np.asarray(labels)[index]
     if label_kind == "regression":
-        return regression_scores(truth, preds)
-    return class_scores(truth, preds.astype(np.int64))
+        return regression_scores(truth, preds[:, 0])
+    if label_kind == "token":  # every labeled token (a word's first sub-token) counts once
+        scored = truth >= 0
+        return class_scores(truth[scored], preds[scored].astype(np.int64))
+    return class_scores(truth, preds[:, 0].astype(np.int64))
 
 
 def evaluate_classifier(model, params, batches, labels: np.ndarray, label_kind: str) -> dict:

@@ -274,11 +274,13 @@ def _build(cfg, workdir: str) -> _Setup:
 def _check_task(pipeline, model_cfg) -> None:
     """Classification data needs a classification head, and the head the labels."""
     labeled = getattr(pipeline, "kind", "") == "classification"
-    if labeled and model_cfg.task != "sequence_classification":
-        raise FtjaxError(
-            f"data: classification sources need model.task='sequence_classification'; the "
-            f"model's task is {model_cfg.task!r}"
-        )
+    if labeled:
+        task = "token_classification" if pipeline.label_kind == "token" else "sequence_classification"
+        if model_cfg.task != task:
+            raise FtjaxError(
+                f"data: {pipeline.label_kind} labels need model.task={task!r}; the model's task "
+                f"is {model_cfg.task!r}"
+            )
     if not labeled and model_cfg.task:
         raise FtjaxError(
             f"model.task={model_cfg.task!r} needs classification data (sources of format "
