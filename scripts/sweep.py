@@ -4,6 +4,7 @@
     python scripts/sweep.py ... --emit=commands     # one command per run, for a scheduler
     python scripts/sweep.py ... --only=<run name>   # one run (what --emit prints)
     python scripts/sweep.py ... --jobs=2            # two runs at a time, each on half the cores
+    python scripts/sweep.py ... --backend=ray       # runs as Ray tasks (RAY_ADDRESS or a local cluster)
 
 Finished runs are skipped; interrupted ones resume from their checkpoints.
 """
@@ -33,6 +34,19 @@ _JOBS = flags.DEFINE_integer(
 _PROGRESS = flags.DEFINE_float(
     "progress_every", 15.0, "Seconds between progress lines of the running runs (0: none)."
 )
+_BACKEND = flags.DEFINE_enum(
+    "backend", "local", ["local", "ray"],
+    "local: this machine's processes (--jobs); ray: tasks of a Ray cluster, each with the "
+    "resources of its config's `resources` section (README, 'Sweeps on a cluster').",
+)  # fmt: skip
+_RAY_ADDRESS = flags.DEFINE_string(
+    "ray_address", "", "Ray cluster to join (e.g. auto, ray://head:10001); default RAY_ADDRESS, "
+    "else a local cluster on this machine.",
+)  # fmt: skip
+_MAX_RETRIES = flags.DEFINE_integer(
+    "max_retries", 3, "Ray: times a run whose node or worker died (or was preempted) is retried; "
+    "each retry resumes from the run's last checkpoint.",
+)  # fmt: skip
 flags.mark_flags_as_required(["config", "workdir"])
 
 
@@ -44,7 +58,8 @@ def main(argv):
     try:
         sweep(_CONFIG.value, _WORKDIR.value, only=_ONLY.value, emit=_EMIT.value,
               quiet=_QUIET.value, isolate=_ISOLATE.value, jobs=_JOBS.value,
-              progress_every=_PROGRESS.value)  # fmt: skip
+              progress_every=_PROGRESS.value, backend=_BACKEND.value,
+              ray_address=_RAY_ADDRESS.value, max_retries=_MAX_RETRIES.value)  # fmt: skip
     except RunFailed as e:
         if not e.log:  # the run's output was on the console, its error line included
             sys.exit(e.code)

@@ -150,6 +150,7 @@ def run_sweep(
     out=sys.stdout,
     jobs: int = 1,
     progress_every: float = 0.0,
+    slots_for: Callable[[list], list] | None = None,
 ) -> list[dict]:
     """Runs (or, with emit="commands", prints) every run not yet finished.
 
@@ -159,7 +160,9 @@ def run_sweep(
     the sweep's runs `jobs` at a time, each pinned to its share of the cores
     (`run_one` gets the CPU ids); the first failure stops new runs from
     starting and is raised once the running ones end. With `progress_every`
-    > 0 each running run's progress is printed that often.
+    > 0 each running run's progress is printed that often. `slots_for(specs)`
+    (a cluster backend's) replaces `jobs` and the core groups: the slots a
+    stage's runs take, one per run at a time, passed to `run_one` as `cores`.
 
     A study with `get_selection()` runs in two stages (`ftjax.study.selection`):
     its grid, then, once every grid run has finished, the choice (written to
@@ -200,7 +203,7 @@ def run_sweep(
         runs = [s for s in selected if s not in prereqs]
     make_dirs(sweep_dir, "--workdir")
     t0 = time.time()
-    stage = _Stage(sweep_dir, run_one, out, jobs, t0, progress_every)
+    stage = _Stage(sweep_dir, run_one, out, jobs, t0, progress_every, slots_for)
     summaries = stage.run(prereqs, runs, "grid" if selection is not None and not only else "")
     if selection is not None and not only:
         chosen, finals = expand_finals(study, sweep_dir, study_arg)
@@ -226,9 +229,10 @@ class _Stage:
     """Runs one stage's runs (prerequisites alone and first, then the rest
     `jobs` at a time), skipping finished ones."""
 
-    def __init__(self, sweep_dir, run_one, out, jobs, t0, progress_every):
+    def __init__(self, sweep_dir, run_one, out, jobs, t0, progress_every, slots_for=None):
         self.sweep_dir, self.run_one, self.out, self.jobs = sweep_dir, run_one, out, jobs
         self.t0, self.progress_every, self.count = t0, progress_every, 0
+        self.slots_for = slots_for
 
     def run(self, prereqs, runs, name: str = "") -> list[dict]:
         out, jobs, t0 = self.out, self.jobs, self.t0
@@ -248,6 +252,10 @@ class _Stage:
                 summaries[i] = run.read_summary()
             else:
                 pending.append((i, spec, run.path))
+        groups = None
+        if self.slots_for is not None:
+            groups = self.slots_for([p[1] for p in pending if p[1].name not in prereq_names])
+            jobs = len(groups)
         # Prerequisites always run alone: the sweep's runs read what they write.
         serial = [p for p in pending if jobs == 1 or p[1].name in prereq_names]
         parallel = [p for p in pending if p not in serial]
@@ -257,20 +265,22 @@ class _Stage:
                 print(f"{head}: running in {run_dir} (sweep {time.time() - t0:.0f}s)", file=out,
                       flush=True)  # fmt: skip
                 monitor.add(spec.name, head, run_dir, int(spec.config.train.steps))
+                slot = {} if spec.name in prereq_names or not groups else {"cores": groups[0]}
                 try:
-                    summaries[i] = self.run_one(spec, run_dir)
+                    summaries[i] = self.run_one(spec, run_dir, **slot)
                 finally:
                     monitor.remove(spec.name)
             if parallel:
                 summaries.update(
-                    _run_parallel(parallel, self.run_one, jobs, total, t0, out, monitor)
+                    _run_parallel(parallel, self.run_one, jobs, total, t0, out, monitor, groups)
                 )
         return [summaries[i] for i in sorted(summaries)]
 
 
-def _run_parallel(pending, run_one, jobs, total, t0, out, monitor) -> dict[int, dict]:
-    """`jobs` runs at a time, each on its own group of cores (see run_sweep)."""
-    free = core_groups(jobs)
+def _run_parallel(pending, run_one, jobs, total, t0, out, monitor, groups=None) -> dict[int, dict]:
+    """`jobs` runs at a time, each on its own group of cores, or slot of
+    `groups` (see run_sweep)."""
+    free = list(groups) if groups is not None else core_groups(jobs)
     summaries, failure = {}, None
     queue = list(pending)
     with cf.ThreadPoolExecutor(max_workers=jobs) as pool:
@@ -279,7 +289,7 @@ def _run_parallel(pending, run_one, jobs, total, t0, out, monitor) -> dict[int, 
             while queue and free and failure is None:
                 i, spec, run_dir = queue.pop(0)
                 cores = free.pop(0)
-                on = f" on cores {','.join(map(str, cores))}" if cores else ""
+                on = f" on cores {','.join(map(str, cores))}" if isinstance(cores, tuple) else ""
                 head = f"[run {i}/{total}] {spec.name}"
                 print(f"{head}: started{on} (sweep {time.time() - t0:.0f}s)", file=out, flush=True)
                 monitor.add(spec.name, head, run_dir, int(spec.config.train.steps))
@@ -384,6 +394,20 @@ def forward_sigterm() -> None:
     signal.signal(signal.SIGTERM, handler)
 
 
+def forward_stop(stop: Callable[[], None]) -> None:
+    """SIGTERM or Ctrl-C to a cluster sweep's driver: `stop()` cancels its
+    runs, which checkpoint; the waits on them then end the sweep as
+    preempted (a second Ctrl-C aborts at once)."""
+    import signal
+
+    def handler(signum, frame):
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        stop()
+
+    signal.signal(signal.SIGTERM, handler)
+    signal.signal(signal.SIGINT, handler)
+
+
 def adopt_sweep_settings() -> None:
     """In a run started by a sweep, before JAX starts (XLA sizes its thread
     pool by the CPUs a process may use): pin to the given CPUs, and ask Linux
@@ -417,10 +441,26 @@ def main(
     jobs: int = 1,
     progress_every: float = 15.0,
     out=sys.stdout,
+    backend: str = "local",
+    ray_address: str = "",
+    max_retries: int = 3,
 ) -> list[dict]:
     """The sweep command (`scripts/sweep.py`, `python -m ftjax`): each run in
     its own process unless `isolate=False`; progress lines every
-    `progress_every` seconds for runs whose own output is not on the console."""
+    `progress_every` seconds for runs whose own output is not on the console.
+    `backend="ray"` runs them as tasks of a Ray cluster (`ray_address`, else
+    `RAY_ADDRESS`, else a local one; `ftjax.study.ray_backend`)."""
+    if backend not in ("local", "ray"):
+        raise ConfigError(f"--backend={backend!r}; expected local or ray")
+    if backend == "ray" and not emit:
+        from ftjax.study import ray_backend
+
+        cluster = ray_backend.RayBackend(config_path, sweep_dir, address=ray_address,
+                                         max_retries=max_retries, quiet=quiet)  # fmt: skip
+        forward_stop(cluster.stop)
+        return run_sweep(config_path, sweep_dir, cluster.run_one, only=only, out=out,
+                         progress_every=progress_every,
+                         slots_for=lambda specs: ray_backend.slots(cluster, specs))  # fmt: skip
 
     def run_one(spec, run_dir, cores=None):
         if isolate or jobs > 1:

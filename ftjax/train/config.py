@@ -109,11 +109,36 @@ def default_config() -> ml_collections.ConfigDict:
     return cfg
 
 
+# A run's `resources` section: what a cluster sweep backend (ftjax.study.ray_backend)
+# gives each of its processes, and how many hosts (processes) it takes.
+RESOURCE_DEFAULTS = dict(cpus=1, gpus=0, tpu_chips=0, tpu_type="", hosts=1)
+
+
+def run_resources(cfg, name: str = "resources") -> dict:
+    """The `resources` section of a run config over `RESOURCE_DEFAULTS`,
+    checked field by field."""
+    given = dict(cfg.get("resources") or {})
+    unknown = sorted(set(given) - set(RESOURCE_DEFAULTS))
+    if unknown:
+        raise ConfigError(f"{name}.{unknown[0]}: unknown field; fields: "
+                          f"{', '.join(RESOURCE_DEFAULTS)}")  # fmt: skip
+    out = {**RESOURCE_DEFAULTS, **given}
+    for key in ("cpus", "gpus", "tpu_chips", "hosts"):
+        v = out[key]
+        ok = isinstance(v, (int, float)) and not isinstance(v, bool) and v >= 0
+        if not ok or (key in ("cpus", "hosts") and v < 1):
+            raise ConfigError(f"{name}.{key}={v!r}; expected a number >= "
+                              f"{1 if key in ('cpus', 'hosts') else 0}")  # fmt: skip
+    if not isinstance(out["tpu_type"], str):
+        raise ConfigError(f"{name}.tpu_type={out['tpu_type']!r}; expected e.g. 'v4-16' or ''")
+    return out
+
+
 # ----------------------------------------------------------------------------- validation
 
 # Sections a run config may hold besides its own: the study layer's (read by
 # `ftjax.study`, which checks them).
-STUDY_SECTIONS = ("eval", "study")
+STUDY_SECTIONS = ("eval", "study", "resources")
 
 
 def _is_int(x) -> bool:
@@ -350,6 +375,8 @@ def validate_run_config(cfg) -> None:
     validate_parallel_config(cfg.parallel)
     registry.resolve_config(cfg.method)
     validate_data_config(cfg.data)
+    if "resources" in cfg:
+        run_resources(cfg)
     if int(cfg.data.batch_size) % int(cfg.optim.accum_steps):
         raise ConfigError(
             f"data.batch_size={cfg.data.batch_size} is not divisible by "

@@ -57,10 +57,23 @@ class RunResult:
 # ----------------------------------------------------------------------------- setup
 
 
+# Set by ftjax.study.ray_backend for each process of a multi-host run.
+GANG_ENV = ("FTJAX_COORDINATOR_ADDRESS", "FTJAX_NUM_PROCESSES", "FTJAX_PROCESS_ID")
+
+
 def maybe_initialize_distributed(pcfg) -> None:
     """Joins a multi-process job; with no arguments JAX reads the cluster
     environment (Cloud TPU pods, SLURM)."""
-    if not pcfg.distributed or jax.distributed.is_initialized():
+    if jax.distributed.is_initialized():
+        return
+    # A gang the Ray sweep backend started (one process per host) says where to meet.
+    gang = [os.environ.get(k, "") for k in GANG_ENV]
+    if all(gang):
+        jax.distributed.initialize(
+            coordinator_address=gang[0], num_processes=int(gang[1]), process_id=int(gang[2])
+        )
+        return
+    if not pcfg.distributed:
         return
     kwargs = {}
     if pcfg.coordinator_address:
@@ -275,7 +288,9 @@ def _check_task(pipeline, model_cfg) -> None:
     """Classification data needs a classification head, and the head the labels."""
     labeled = getattr(pipeline, "kind", "") == "classification"
     if labeled:
-        task = "token_classification" if pipeline.label_kind == "token" else "sequence_classification"
+        task = (
+            "token_classification" if pipeline.label_kind == "token" else "sequence_classification"
+        )
         if model_cfg.task != task:
             raise FtjaxError(
                 f"data: {pipeline.label_kind} labels need model.task={task!r}; the model's task "
