@@ -130,3 +130,37 @@ def test_ray_sweep_survives_driver_and_worker_kills_with_the_local_results(local
     for r in ["base"] + RUNS:
         assert finished(d / r), r
         assert numbers(d / r) == numbers(local / r), r
+
+
+def test_two_host_run_starts_as_a_gang_and_matches_one_process(tmp_path, monkeypatch):
+    """A run whose config asks for 2 hosts, on a Ray cluster of two 1-CPU
+    nodes: one process per node, joined by jax.distributed (gloo), the
+    global batch split between them; its numbers equal one process's."""
+    from ray.cluster_utils import Cluster
+
+    study = os.path.join(ROOT, "tests", "ray_gang_study.py")
+    cmd = lambda d, *extra: script_cmd("sweep.py", f"--config={study}", f"--workdir={d}",
+                                       "--quiet", "--progress_every=0", *extra)  # fmt: skip
+    # One process on one core: each Ray node of the gang gives its processes one.
+    one = subprocess.run(cmd(tmp_path / "one"), env=script_env(), capture_output=True, text=True,
+                         timeout=600, preexec_fn=lambda: os.sched_setaffinity(0, {0}))  # fmt: skip
+    assert one.returncode == 0, one.stderr[-3000:]
+    # The nodes' workers inherit this environment: one CPU device per process.
+    monkeypatch.delenv("XLA_FLAGS", raising=False)
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1})
+    try:
+        cluster.add_node(num_cpus=1)
+        cluster.wait_for_nodes()
+        gang = subprocess.run(cmd(tmp_path / "gang", "--backend=ray",
+                                  f"--ray_address={cluster.address}"),
+                              env=script_env(), capture_output=True, text=True, timeout=600)  # fmt: skip
+    finally:
+        cluster.shutdown()
+    assert gang.returncode == 0, gang.stderr[-3000:]
+    name = "method=lora,rank=4"
+    log = open(tmp_path / "gang" / name / "run.log").read()
+    assert "Rank 1 is connected to 1 peer ranks" in log  # two processes joined
+    a, b = numbers(tmp_path / "one" / name), numbers(tmp_path / "gang" / name)
+    assert a.keys() == b.keys()
+    for k in a:
+        assert b[k] == pytest.approx(a[k], rel=1e-4, abs=1e-6), k

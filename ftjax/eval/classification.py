@@ -146,7 +146,7 @@ def evaluate_classifier(model, params, batches, labels: np.ndarray, label_kind: 
     """Loss, token accuracy and the metrics of `class_scores` /
     `regression_scores` of `params` on an eval set's batches (with
     `example_index`), in one pass on this host's devices."""
-    from ftjax.eval.metrics import summarize
+    from ftjax.eval.metrics import across_processes, summarize
 
     step = _compiled(model)
     rows, preds, totals = [], [], {"loss_sum": 0.0, "correct_sum": 0.0, "weight_sum": 0.0}
@@ -158,7 +158,7 @@ def evaluate_classifier(model, params, batches, labels: np.ndarray, label_kind: 
         totals["weight_sum"] += float(np.sum(batch["loss_mask"]))
         rows.append(batch["example_index"])
         preds.append(np.asarray(pred))
-    summary = summarize(totals)
+    summary = summarize(across_processes(totals))
     scores = score_eval_set(labels, rows, preds, label_kind)
     return {"loss": summary["loss"], "token_accuracy": summary["accuracy"], **scores}
 

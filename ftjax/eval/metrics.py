@@ -151,7 +151,19 @@ def evaluate_batches(
         raise DataError(f"{name} yielded no batches")
     host = jax.device_get(pending)
     totals = {k: float(np.sum([np.float64(h[k]) for h in host])) for k in host[0]}
-    return {**summarize(totals, name), "batches": len(host)}
+    return {**summarize(across_processes(totals), name), "batches": len(host)}
+
+
+def across_processes(totals: Mapping[str, float]) -> dict[str, float]:
+    """Sums over every process of a multi-process job (each process reads its
+    own rows of every eval batch); the totals themselves in one process."""
+    if jax.process_count() == 1:
+        return dict(totals)
+    from jax.experimental import multihost_utils
+
+    keys = sorted(totals)
+    gathered = multihost_utils.process_allgather(np.array([totals[k] for k in keys], np.float64))
+    return dict(zip(keys, np.asarray(gathered).reshape(-1, len(keys)).sum(0).tolist()))
 
 
 def evaluate_sets(

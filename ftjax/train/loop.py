@@ -69,6 +69,8 @@ def maybe_initialize_distributed(pcfg) -> None:
     # A gang the Ray sweep backend started (one process per host) says where to meet.
     gang = [os.environ.get(k, "") for k in GANG_ENV]
     if all(gang):
+        # CPU processes need gloo for their collectives (GPU and TPU ignore this).
+        jax.config.update("jax_cpu_collectives_implementation", "gloo")
         jax.distributed.initialize(
             coordinator_address=gang[0], num_processes=int(gang[1]), process_id=int(gang[2])
         )
