@@ -42,6 +42,23 @@ BATCH_DTYPES = {
 }
 
 
+class BatchLayout:
+    """The batch geometry every pipeline shares: sequence length, global and
+    eval batch sizes, and this process's rows of each (`process_slice`)."""
+
+    def _init_layout(self, cfg, tokenizer, process_index: int, process_count: int) -> None:
+        from ftjax.data.tokenize import pad_id
+
+        self.tokenizer = tokenizer
+        self.seq_len = int(cfg.seq_len)
+        self.global_batch_size = int(cfg.batch_size)
+        self.eval_batch_size = int(cfg.eval_batch_size or cfg.batch_size)
+        self._part = process_slice(self.global_batch_size, process_index, process_count)
+        self._eval_part = process_slice(self.eval_batch_size, process_index, process_count)
+        self.local_batch_size = self._part.stop - self._part.start
+        self.pad_id = pad_id(tokenizer)
+
+
 def process_slice(batch_size: int, process_index: int, process_count: int) -> slice:
     """The rows of a global batch that process `process_index` of `process_count` owns.
 

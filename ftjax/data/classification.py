@@ -66,14 +66,19 @@ class LabeledSet:
                           self.labels[idx], self.rows[idx], self.cut[idx])  # fmt: skip
 
 
-def _labels(split: RawSplit, field: str, kind: str) -> np.ndarray:
+def _column(split: RawSplit, field: str, fmt: str, key: str) -> list:
+    """The values of `field` (the source's `fields.<key>`), or one line naming it."""
     columns = split.dataset.column_names
     if field not in columns:
         raise DataError(
-            f"{split.origin}: no field {field!r}; format 'classification' expects a label "
-            f"column (columns found: {columns}; rename with fields.label=...)"
+            f"{split.origin}: no field {field!r}; format {fmt!r} reads it as its {key} "
+            f"(columns found: {columns}; rename with fields.{key}=...)"
         )
-    values = list(split.dataset[field])
+    return list(split.dataset[field])
+
+
+def _labels(split: RawSplit, field: str, kind: str) -> np.ndarray:
+    values = _column(split, field, "classification", "label")
     for i, v in enumerate(values):
         bad_type = isinstance(v, bool) or not isinstance(v, (int, float))
         if bad_type or (kind != "regression" and isinstance(v, int) and v < 0):
@@ -91,14 +96,8 @@ def _labels(split: RawSplit, field: str, kind: str) -> np.ndarray:
     return np.asarray(values, np.int32 if is_class else np.float32)
 
 
-def _texts(split: RawSplit, field: str) -> list[str]:
-    columns = split.dataset.column_names
-    if field not in columns:
-        raise DataError(
-            f"{split.origin}: no field {field!r}; format 'classification' reads it "
-            f"(columns found: {columns}; rename with fields.text=... / fields.text_pair=...)"
-        )
-    out = list(split.dataset[field])
+def _texts(split: RawSplit, field: str, key: str) -> list[str]:
+    out = _column(split, field, "classification", key)
     for i, v in enumerate(out):
         if not isinstance(v, str):
             raise DataError(f"{split.locate(i)}: field {field!r} is {v!r}; expected a string")
@@ -108,16 +107,9 @@ def _texts(split: RawSplit, field: str) -> list[str]:
 def _word_rows(split: RawSplit, spec: SourceSpec) -> tuple[list[list[str]], list[list[int]]]:
     """The `tokens` (words) and `tags` (a class per word) of a token
     classification split, checked row by row."""
-    out = []
-    for key in ("tokens", "tags"):
-        field = spec.field(key)
-        if field not in split.dataset.column_names:
-            raise DataError(
-                f"{split.origin}: no field {field!r}; format 'token_classification' reads "
-                f"{key} (columns found: {split.dataset.column_names}; rename with fields.{key}=...)"
-            )
-        out.append(list(split.dataset[field]))
-    words, tags = out
+    words, tags = (
+        _column(split, spec.field(k), "token_classification", k) for k in ("tokens", "tags")
+    )
     for i, (w, t) in enumerate(zip(words, tags)):
         ok_words = isinstance(w, list) and w and all(isinstance(x, str) for x in w)
         ok_tags = isinstance(t, list) and all(
@@ -165,9 +157,9 @@ def encode_split(split: RawSplit, spec: SourceSpec, tokenizer, cfg) -> LabeledSe
     if spec.format == "token_classification":
         return encode_words(split, spec, tokenizer, cfg)
     seq_len = int(cfg.seq_len)
-    texts = _texts(split, spec.field("text"))
+    texts = _texts(split, spec.field("text"), "text")
     pair_field = spec.field("text_pair")
-    pairs = _texts(split, pair_field) if pair_field else None
+    pairs = _texts(split, pair_field, "text_pair") if pair_field else None
     labels = _labels(split, spec.field("label"), cfg.get("label_kind", "auto"))
     full = tokenizer(texts, pairs, add_special_tokens=True, truncation=False)["input_ids"]
     lengths = np.array([len(x) for x in full])
@@ -208,7 +200,7 @@ def prepare_labeled(spec: SourceSpec, cfg, tokenizer) -> LabeledSource:
     return LabeledSource(spec, train.take(train_rows), evals, raw.train)
 
 
-class ClassificationPipeline:
+class ClassificationPipeline(batching.BatchLayout):
     """Train batches by step and eval batches by source name, with the
     interface of `ftjax.data.pipeline.Pipeline` (`batch_at`, `eval_batches`,
     `eval_names`, `stats`)."""
@@ -217,14 +209,7 @@ class ClassificationPipeline:
 
     def __init__(self, cfg, tokenizer, sources: list[LabeledSource], process_index: int,
                  process_count: int):  # fmt: skip
-        self.tokenizer = tokenizer
-        self.seq_len = int(cfg.seq_len)
-        self.global_batch_size = int(cfg.batch_size)
-        self.eval_batch_size = int(cfg.eval_batch_size or cfg.batch_size)
-        self._part = batching.process_slice(self.global_batch_size, process_index, process_count)
-        self._eval_part = batching.process_slice(self.eval_batch_size, process_index, process_count)
-        self.local_batch_size = self._part.stop - self._part.start
-        self.pad_id = pad_id(tokenizer)
+        self._init_layout(cfg, tokenizer, process_index, process_count)
         self.seed = int(cfg.seed)
         self.sources = {s.spec.name: s for s in sources}
         training = [s for s in sources if s.spec.weight > 0]

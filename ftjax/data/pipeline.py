@@ -21,7 +21,7 @@ from ftjax.data import batching, stats
 from ftjax.data.config import LABELED_FORMATS, SourceSpec, validate_data_config
 from ftjax.data.errors import DataError
 from ftjax.data.sources import RawSplit, carve_eval, load_source
-from ftjax.data.tokenize import Examples, fit_to_length, load_tokenizer, pad_id, tokenize_split
+from ftjax.data.tokenize import Examples, fit_to_length, load_tokenizer, tokenize_split
 
 
 @dataclasses.dataclass(eq=False)
@@ -101,7 +101,7 @@ def _raise_empty(spec, origin, split, counts, prefix=""):
     )
 
 
-class Pipeline:
+class Pipeline(batching.BatchLayout):
     """Train batches by step, eval batches by source name, statistics.
 
     Everything is fixed at construction; `batch_at(step)` reads no iterator
@@ -110,14 +110,7 @@ class Pipeline:
 
     def __init__(self, cfg, tokenizer, sources: list[PreparedSource], process_index: int,
                  process_count: int):  # fmt: skip
-        self.tokenizer = tokenizer
-        self.seq_len = int(cfg.seq_len)
-        self.global_batch_size = int(cfg.batch_size)
-        self.eval_batch_size = int(cfg.eval_batch_size or cfg.batch_size)
-        self._part = batching.process_slice(self.global_batch_size, process_index, process_count)
-        self._eval_part = batching.process_slice(self.eval_batch_size, process_index, process_count)
-        self.local_batch_size = self._part.stop - self._part.start
-        self.pad_id = pad_id(tokenizer)
+        self._init_layout(cfg, tokenizer, process_index, process_count)
         self.sources = {s.spec.name: s for s in sources}
         training = [s for s in sources if s.spec.weight > 0]
         self.pool = Examples.concat([s.train for s in training])
