@@ -13,13 +13,15 @@ from ftjax.train.config import RESOURCE_DEFAULTS, run_resources
 
 
 def test_resources_default_and_validate():
-    cfg = ml_collections.ConfigDict({"resources": {"cpus": 2, "tpu_type": "v4-16", "hosts": 2}})
-    assert run_resources(cfg) == {**RESOURCE_DEFAULTS, "cpus": 2, "tpu_type": "v4-16", "hosts": 2}
+    given = {"cpus": 2, "tpu_version": "v4", "tpu_topology": "2x2x2"}
+    cfg = ml_collections.ConfigDict({"resources": given})
+    assert run_resources(cfg) == {**RESOURCE_DEFAULTS, **given}
     assert run_resources(ml_collections.ConfigDict()) == RESOURCE_DEFAULTS
     for bad, match in [({"cpu": 1}, r"resources.cpu: unknown field"),
                        ({"cpus": 0}, r"resources.cpus=0; expected a number >= 1"),
                        ({"gpus": -1}, r"resources.gpus=-1; expected a number >= 0"),
-                       ({"hosts": True}, r"resources.hosts=True")]:  # fmt: skip
+                       ({"hosts": True}, r"resources.hosts=True"),
+                       ({"tpu_version": "v5p"}, r"a TPU slice needs both")]:  # fmt: skip
         with pytest.raises(ConfigError, match=match):
             run_resources(ml_collections.ConfigDict({"resources": bad}))
 

@@ -83,6 +83,37 @@ def local(tmp_path_factory):
     return d
 
 
+FORGETTING = os.path.join(ROOT, "experiments", "forgetting", "study.py")
+
+
+def test_quick_forgetting_study_on_ray_equals_local_and_stops_on_sigterm(tmp_path):
+    """The quick forgetting study (prerequisite, grid, selection, final seeds)
+    on the Ray backend, its driver sent SIGTERM mid-sweep (the runs in flight
+    stop at a checkpoint) and rerun: every run's numbers equal the local
+    backend's."""
+    cmd = lambda d, *extra: script_cmd("sweep.py", f"--config={FORGETTING}:quick=1",
+                                       f"--workdir={d}", "--quiet", "--progress_every=0", *extra)  # fmt: skip
+    local = subprocess.run(cmd(tmp_path / "local", "--jobs=2"), env=script_env(),
+                           capture_output=True, text=True, timeout=900)  # fmt: skip
+    assert local.returncode == 0, local.stderr[-3000:]
+    d = tmp_path / "ray"
+    driver = subprocess.Popen(cmd(d, "--backend=ray"), env=script_env(), stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True)  # fmt: skip
+    names = [n for n in os.listdir(tmp_path / "local") if finished(tmp_path / "local" / n)]
+    wait_for(driver, lambda: finished(d / "base") and any(
+        (d / n / "metrics.jsonl").exists() for n in names if n != "base"), "a run started")  # fmt: skip
+    driver.send_signal(signal.SIGTERM)
+    out, _ = driver.communicate(timeout=300)
+    assert driver.returncode == 75, out[-2000:]  # PREEMPTED_EXIT: rerun to resume
+    again = subprocess.run(cmd(d, "--backend=ray"), env=script_env(), capture_output=True,
+                           text=True, timeout=900)  # fmt: skip
+    assert again.returncode == 0, again.stdout[-3000:]
+    assert "base: finished, skipped" in again.stdout
+    assert sorted(n for n in os.listdir(d) if finished(d / n)) == sorted(names)
+    for n in names:
+        assert numbers(d / n) == numbers(tmp_path / "local" / n), n
+
+
 def test_ray_sweep_survives_driver_and_worker_kills_with_the_local_results(local, tmp_path):
     d = tmp_path / "ray"
     log = open(tmp_path / "driver1.log", "w")

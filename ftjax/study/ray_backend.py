@@ -19,8 +19,10 @@ How it maps onto the local runner (`ftjax.study.runner`):
   host, one task per bundle, all started together, each told the
   coordinator address, process count and its index for
   `jax.distributed.initialize` (`FTJAX_COORDINATOR_ADDRESS`, ...). On Cloud
-  TPU, `tpu_type` (e.g. `v4-16`) schedules on one slice, as Ray's TPU
-  support labels it. A prerequisite (the base model) runs alone and takes a
+  TPU, `tpu_version` and `tpu_topology` (e.g. `v4`, `2x2x2`) reserve one
+  whole slice (`ray.util.tpu.slice_placement_group`), one task per host of
+  it; JAX then reads the slice's own environment, so such a config sets
+  `parallel.distributed=True`. A prerequisite (the base model) runs alone and takes a
   whole node's CPUs, as the local runner gives it every core; it finishes
   before any run that reads it starts.
 - At most the cluster's capacity of runs is in flight (the local runner's
@@ -207,13 +209,8 @@ class RayBackend:
                     retry_exceptions=[RetryableStop])  # fmt: skip
         if res["gpus"]:
             opts["num_gpus"] = res["gpus"]
-        resources = {}
         if res["tpu_chips"]:
-            resources["TPU"] = res["tpu_chips"]
-        if res["tpu_type"] and res["hosts"] == 1:
-            resources[f"TPU-{res['tpu_type']}-head"] = 1
-        if resources:
-            opts["resources"] = resources
+            opts["resources"] = {"TPU": res["tpu_chips"]}
         return opts
 
     def run_one(self, spec, run_dir: str, cores=None) -> dict:
@@ -230,7 +227,9 @@ class RayBackend:
         run_dir = os.path.abspath(run_dir)
         group = None
         try:
-            if res["hosts"] == 1:
+            if res["tpu_topology"]:
+                group, refs = self._tpu_slice(res, cmd, run_dir, cpus)
+            elif res["hosts"] == 1:
                 refs = [
                     self._task.options(**self._options(res, cpus)).remote(cmd, run_dir, cpus, {})
                 ]
@@ -276,6 +275,23 @@ class RayBackend:
             opts.pop("num_gpus", None)
             refs.append(self._task.options(**opts, scheduling_strategy=on(i)).remote(
                 cmd, run_dir, cpus, env))  # fmt: skip
+        return group, refs
+
+    def _tpu_slice(self, res: dict, cmd, run_dir: str, cpus: int):
+        """One task per host of a whole TPU slice reserved for the run (not
+        testable without TPUs: written against Ray 2.60's `ray.util.tpu`)."""
+        from ray.util import tpu
+        from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+        reserved = tpu.slice_placement_group(res["tpu_topology"], res["tpu_version"])
+        group = reserved.placement_group
+        self.ray.get(group.ready())
+        refs = []
+        for i in range(reserved.num_bundles):
+            on = PlacementGroupSchedulingStrategy(group, placement_group_bundle_index=i)
+            refs.append(self._task.options(num_cpus=0, max_retries=self.max_retries,
+                                           retry_exceptions=[RetryableStop],
+                                           scheduling_strategy=on).remote(cmd, run_dir, cpus, {}))  # fmt: skip
         return group, refs
 
     def _wait(self, name: str, refs, run_dir: str) -> list[int]:

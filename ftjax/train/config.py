@@ -111,7 +111,7 @@ def default_config() -> ml_collections.ConfigDict:
 
 # A run's `resources` section: what a cluster sweep backend (ftjax.study.ray_backend)
 # gives each of its processes, and how many hosts (processes) it takes.
-RESOURCE_DEFAULTS = dict(cpus=1, gpus=0, tpu_chips=0, tpu_type="", hosts=1)
+RESOURCE_DEFAULTS = dict(cpus=1, gpus=0, tpu_chips=0, hosts=1, tpu_version="", tpu_topology="")
 
 
 def run_resources(cfg, name: str = "resources") -> dict:
@@ -129,8 +129,14 @@ def run_resources(cfg, name: str = "resources") -> dict:
         if not ok or (key in ("cpus", "hosts") and v < 1):
             raise ConfigError(f"{name}.{key}={v!r}; expected a number >= "
                               f"{1 if key in ('cpus', 'hosts') else 0}")  # fmt: skip
-    if not isinstance(out["tpu_type"], str):
-        raise ConfigError(f"{name}.tpu_type={out['tpu_type']!r}; expected e.g. 'v4-16' or ''")
+    for key, example in (("tpu_version", "v4"), ("tpu_topology", "2x2x2")):
+        if not isinstance(out[key], str):
+            raise ConfigError(f"{name}.{key}={out[key]!r}; expected e.g. {example!r} or ''")
+    if bool(out["tpu_version"]) != bool(out["tpu_topology"]):
+        raise ConfigError(
+            f"{name}: tpu_version={out['tpu_version']!r} and tpu_topology="
+            f"{out['tpu_topology']!r}; a TPU slice needs both (e.g. 'v4' and '2x2x2') or neither"
+        )
     return out
 
 
