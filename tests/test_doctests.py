@@ -33,6 +33,7 @@ MODULES = [
     "ftjax.data.formats",
     "ftjax.data.pipeline",
     "ftjax.data.sources",
+    "ftjax.data.sentences",
     "ftjax.data.synthetic",
     "ftjax.eval.forgetting",
     "ftjax.eval.generate",

@@ -126,10 +126,10 @@ def test_config_round_trips_through_hf(model_type):
 
 
 def test_unknown_model_type_and_bad_specs():
-    with pytest.raises(ModelError, match=r"unsupported model_type 'bert'; supported: .*gpt2"):
-        ModelConfig(model_type="bert")
-    with pytest.raises(ModelError, match=r"unsupported model_type 'bert'"):
-        config_from_hf({"model_type": "bert"}, "x/config.json")
+    with pytest.raises(ModelError, match=r"unsupported model_type 'mamba'; supported: .*gpt2"):
+        ModelConfig(model_type="mamba")
+    with pytest.raises(ModelError, match=r"unsupported model_type 'mamba'"):
+        config_from_hf({"model_type": "mamba"}, "x/config.json")
     with pytest.raises(ModelError, match=r"x/config\.json: missing field 'n_embd' for gpt2"):
         config_from_hf({"model_type": "gpt2"}, "x/config.json")
     spec = get_family("gpt2")

@@ -185,9 +185,9 @@ def test_pickle_only_checkpoint_is_refused(checkpoints, tmp_path):
 def test_unsupported_model_type_lists_supported(checkpoints, tmp_path):
     d = _copy(checkpoints["llama2"], tmp_path / "c")
     cfg = json.load(open(os.path.join(d, "config.json")))
-    cfg["model_type"] = "bert"
+    cfg["model_type"] = "mamba"
     json.dump(cfg, open(os.path.join(d, "config.json"), "w"))
-    with pytest.raises(CheckpointError, match=r"unsupported model_type 'bert'; supported: ") as e:
+    with pytest.raises(CheckpointError, match=r"unsupported model_type 'mamba'; supported: ") as e:
         from_pretrained(d)
     assert {"llama", "mistral", "qwen2", "qwen3", "gpt2"} <= set(
         str(e.value).split("supported: ")[1].split(", ")

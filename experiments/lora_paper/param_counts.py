@@ -6,8 +6,9 @@ prints a markdown table whose `trainable` column reads exactly 393,216
 (GPT-2 Medium, r=4), 737,280 (GPT-2 Large, r=4), 4,718,592 (GPT-3 175B, r=1)
 and 37,748,736 (GPT-3 175B, r=8), and, from the GLUE table (Table 2),
 294,912 (RoBERTa-base, r=8) and 786,432 (RoBERTa-large, r=8), with q and v
-adapted (the classifier head, trained in full on each task, is not counted,
-as in the paper). Counts come from
+adapted: the bare encoder is counted, without the classifier head that each
+GLUE task trains in full (ftjax trains it under every method), as the paper
+counts. Counts come from
 `jax.eval_shape` over the real model configs: no weight is allocated.
 
 `paper` is the figure the paper prints (its Tables 3 and 4 round GPT-2's to
@@ -52,8 +53,6 @@ def _roberta(d: int, layers: int) -> dict:
         pad_token_id=1,
         hidden_act="gelu",
         norm_eps=1e-5,
-        task="sequence_classification",
-        num_labels=2,
     )
 
 
