@@ -104,6 +104,7 @@ def test_quick_forgetting_study_on_ray_equals_local_and_stops_on_sigterm(tmp_pat
         (d / n / "metrics.jsonl").exists() for n in names if n != "base"), "a run started")  # fmt: skip
     driver.send_signal(signal.SIGTERM)
     out, _ = driver.communicate(timeout=300)
+    assert "SIGTERM: stopping the runs at a checkpoint" in out
     assert driver.returncode == 75, out[-2000:]  # PREEMPTED_EXIT: rerun to resume
     again = subprocess.run(cmd(d, "--backend=ray"), env=script_env(), capture_output=True,
                            text=True, timeout=900)  # fmt: skip

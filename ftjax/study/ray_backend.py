@@ -37,8 +37,11 @@ How it maps onto the local runner (`ftjax.study.runner`):
   after waiting for its killed predecessor to release the run directory's
   lock. A run that fails by itself (bad config, a bug) is not retried: its
   error ends the sweep as it does locally.
-- Ctrl-C or SIGTERM to the driver cancels the tasks; each one passes SIGTERM
-  to its run, which checkpoints and exits.
+- Ctrl-C or SIGTERM to the driver writes a stop file in the sweep directory
+  (which every node sees); each task then passes SIGTERM to its run, which
+  checkpoints and exits, tasks not yet started end at once, and the driver
+  exits once they have (`ray.cancel` cannot interrupt a task blocked on its
+  child process, so it is not used).
 """
 
 from __future__ import annotations
@@ -128,9 +131,19 @@ class RetryableStop(Exception):
     """The run stopped at a checkpoint (SIGTERM on its node): Ray retries it."""
 
 
-def execute_run(cmd: list[str], run_dir: str, cpus: int, env_extra: dict) -> int:
+class StoppedByDriver(Exception):
+    """The sweep's driver asked its runs to stop (`stop_file`): not retried."""
+
+
+def execute_run(cmd: list[str], run_dir: str, cpus: int, env_extra: dict,
+                stop_file: str = "") -> int:  # fmt: skip
     """The body of a run's Ray task: the run's process, pinned to `cpus` of
-    this node's cores, its output appended to `<run>/run.log`."""
+    this node's cores, its output appended to `<run>/run.log`. Once
+    `stop_file` exists (the driver writes it on SIGTERM or Ctrl-C, in the
+    sweep directory every node sees) the run gets SIGTERM and checkpoints."""
+    stopped = lambda: bool(stop_file) and os.path.exists(stop_file)
+    if stopped():
+        raise StoppedByDriver(f"{run_dir}: the sweep is stopping")
     os.makedirs(run_dir, exist_ok=True)
     wait_for_run_dir(run_dir)
     cores, fds = claim_cores(int(cpus))
@@ -141,8 +154,13 @@ def execute_run(cmd: list[str], run_dir: str, cpus: int, env_extra: dict) -> int
         with open(os.path.join(run_dir, "run.log"), "a") as log:
             child = subprocess.Popen(cmd, stdout=log, stderr=log, env=env)
             try:
-                code = child.wait()
-            except KeyboardInterrupt:  # ray.cancel: checkpoint and stop
+                while (code := child.poll()) is None:
+                    if stopped():
+                        child.send_signal(signal.SIGTERM)
+                        child.wait()
+                        raise StoppedByDriver(f"{run_dir}: stopped at a checkpoint")
+                    time.sleep(0.2)
+            except KeyboardInterrupt:  # ray.cancel(force=False), where it reaches us
                 child.send_signal(signal.SIGTERM)
                 child.wait()
                 raise
@@ -186,6 +204,9 @@ class RayBackend:
                      configure_logging=False)  # fmt: skip
         self.ray = ray
         self.in_flight: dict = {}
+        self.stopping = False
+        # Written by `stop()`; one name per driver, so a rerun is not stopped by it.
+        self.stop_file = os.path.join(self.sweep_dir, f".stop-{os.getpid()}-{time.time_ns()}")
         self._task = ray.remote(execute_run)
         self._address = ray.remote(node_address)
 
@@ -218,6 +239,8 @@ class RayBackend:
         local runner's slot: None means the run goes alone (a prerequisite)."""
         from ftjax.rundir import RunDir
 
+        if self.stopping:  # the driver was told to stop: start nothing new
+            raise Preempted(f"run {spec.name}: not started (the sweep is stopping)")
         res = run_resources(spec.config, f"run {spec.name}: resources")
         alone = cores is None
         cpus = max(int(res["cpus"]), self.node_cpus()) if alone else int(res["cpus"])
@@ -230,9 +253,8 @@ class RayBackend:
             if res["tpu_topology"]:
                 group, refs = self._tpu_slice(res, cmd, run_dir, cpus)
             elif res["hosts"] == 1:
-                refs = [
-                    self._task.options(**self._options(res, cpus)).remote(cmd, run_dir, cpus, {})
-                ]
+                task = self._task.options(**self._options(res, cpus))
+                refs = [task.remote(cmd, run_dir, cpus, {}, self.stop_file)]
             else:
                 group, refs = self._gang(res, cmd, run_dir, cpus)
             self.in_flight[spec.name] = refs
@@ -274,7 +296,7 @@ class RayBackend:
             opts = {k: v for k, v in self._options(res, cpus).items() if k != "resources"}
             opts.pop("num_gpus", None)
             refs.append(self._task.options(**opts, scheduling_strategy=on(i)).remote(
-                cmd, run_dir, cpus, env))  # fmt: skip
+                cmd, run_dir, cpus, env, self.stop_file))  # fmt: skip
         return group, refs
 
     def _tpu_slice(self, res: dict, cmd, run_dir: str, cpus: int):
@@ -291,7 +313,8 @@ class RayBackend:
             on = PlacementGroupSchedulingStrategy(group, placement_group_bundle_index=i)
             refs.append(self._task.options(num_cpus=0, max_retries=self.max_retries,
                                            retry_exceptions=[RetryableStop],
-                                           scheduling_strategy=on).remote(cmd, run_dir, cpus, {}))  # fmt: skip
+                                           scheduling_strategy=on).remote(
+                                               cmd, run_dir, cpus, {}, self.stop_file))  # fmt: skip
         return group, refs
 
     def _wait(self, name: str, refs, run_dir: str) -> list[int]:
@@ -307,7 +330,7 @@ class RayBackend:
             if isinstance(cause, RetryableStop):
                 raise Preempted(f"run {name}: stopped at a checkpoint {self.max_retries + 1} "
                                 "times; rerun the sweep to resume") from None  # fmt: skip
-            if isinstance(cause, KeyboardInterrupt):
+            if isinstance(cause, (KeyboardInterrupt, StoppedByDriver)):
                 raise Preempted(
                     f"run {name}: stopped at a checkpoint; rerun the sweep to resume"
                 ) from None
@@ -318,11 +341,17 @@ class RayBackend:
             raise RunFailed(name, 1, os.path.join(run_dir, "run.log")) from RuntimeError(first)
 
     def stop(self) -> None:
-        """Cancels every run in flight; each checkpoints on the SIGTERM its
-        task passes on."""
-        for refs in list(self.in_flight.values()):
-            for ref in refs:
-                self.ray.cancel(ref, force=False)
+        """Stops every run: the stop file makes each task pass SIGTERM to its
+        run (which checkpoints and exits) or, not yet started, end at once;
+        no new run is submitted. The waits on them then end the sweep."""
+        self.stopping = True
+        os.makedirs(self.sweep_dir, exist_ok=True)
+        open(self.stop_file, "w").close()
+
+    def close(self) -> None:
+        """Removes this driver's stop file (the sweep directory stays clean)."""
+        if os.path.exists(self.stop_file):
+            os.remove(self.stop_file)
 
 
 def slots(backend: RayBackend, specs) -> list:

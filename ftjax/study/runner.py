@@ -402,6 +402,8 @@ def forward_stop(stop: Callable[[], None]) -> None:
 
     def handler(signum, frame):
         signal.signal(signal.SIGINT, signal.default_int_handler)
+        print(f"{signal.Signals(signum).name}: stopping the runs at a checkpoint; rerun the "
+              "same command to resume them", file=sys.stderr, flush=True)  # fmt: skip
         stop()
 
     signal.signal(signal.SIGTERM, handler)
@@ -458,9 +460,12 @@ def main(
         cluster = ray_backend.RayBackend(config_path, sweep_dir, address=ray_address,
                                          max_retries=max_retries, quiet=quiet)  # fmt: skip
         forward_stop(cluster.stop)
-        return run_sweep(config_path, sweep_dir, cluster.run_one, only=only, out=out,
-                         progress_every=progress_every,
-                         slots_for=lambda specs: ray_backend.slots(cluster, specs))  # fmt: skip
+        try:
+            return run_sweep(config_path, sweep_dir, cluster.run_one, only=only, out=out,
+                             progress_every=progress_every,
+                             slots_for=lambda specs: ray_backend.slots(cluster, specs))  # fmt: skip
+        finally:
+            cluster.close()
 
     def run_one(spec, run_dir, cores=None):
         if isolate or jobs > 1:
