@@ -93,9 +93,7 @@ def _sums(params, batch, rng, model, *, deterministic, chunk, label_smoothing=0.
     """(masked loss sum, masked correct count) of `batch`, dense or chunked."""
     if not chunk:
         logits = _forward(model, params, batch, rng, deterministic)
-        if _is_regression(model):
-            return regression_sums(logits[..., 0], batch["targets"], batch["loss_mask"])
-        return loss_sums(logits, batch["targets"], batch["loss_mask"], label_smoothing, z_loss)
+        return _logit_sums(model, logits, batch, label_smoothing, z_loss)
     hidden = _forward(model, params, batch, rng, deterministic, return_hidden=True)
     cfg = model.cfg
     # A stochastic head leaf (LoRA dropout) draws from its own stream of the step's key.
@@ -118,18 +116,24 @@ def _is_regression(model) -> bool:
     return bool(cfg is not None and getattr(cfg, "is_regression", False))
 
 
-def predictions(model, params, batch):
+def _logit_sums(model, logits, batch, label_smoothing=0.0, z_loss=0.0):
+    """(loss sum, correct sum) of dense logits: MSE for a regression head."""
+    if _is_regression(model):
+        return regression_sums(logits[..., 0], batch["targets"], batch["loss_mask"])
+    return loss_sums(logits, batch["targets"], batch["loss_mask"], label_smoothing, z_loss)
+
+
+def _predictions(model, logits):
     """Per-target predictions of a classification model: the argmax class, or
     the regression value (what `ftjax.eval.classification` scores)."""
-    logits = _forward(model, params, batch, None, True)
     return logits[..., 0] if _is_regression(model) else jnp.argmax(logits, -1).astype(jnp.int32)
 
 
 def eval_sums_and_predictions(model, params, batch):
     """((loss sum, correct sum), per-row predictions) of a classification
-    batch with plain params, one forward pass (ftjax.eval.classification)."""
-    sums = _sums(params, batch, None, model, deterministic=True, chunk=0)
-    return sums, predictions(model, params, batch)
+    batch with plain params, from one forward pass (ftjax.eval.classification)."""
+    logits = _forward(model, params, batch, None, True)
+    return _logit_sums(model, logits, batch), _predictions(model, logits)
 
 
 def _loss_sum(trainable, frozen, batch, rng, model, cfg: StepConfig):
@@ -225,15 +229,19 @@ def eval_step(trainable, frozen, batch, *, model, axis_name=None, loss_chunk: in
     """Sums for exact token-level metrics: (loss_sum, correct_sum, count).
     `loss_chunk` as `StepConfig.loss_chunk`."""
     params = peft.combine(trainable, frozen)
-    chunk = _chunk_length(model, batch, loss_chunk)
-    loss_sum, correct_sum = _sums(params, batch, None, model, deterministic=True, chunk=chunk)
+    rows = None
+    if getattr(getattr(model, "cfg", None), "task", ""):
+        # A task head: per-row predictions too (for F1, MCC, correlations), one pass.
+        (loss_sum, correct_sum), rows = eval_sums_and_predictions(model, params, batch)
+    else:
+        chunk = _chunk_length(model, batch, loss_chunk)
+        loss_sum, correct_sum = _sums(params, batch, None, model, deterministic=True, chunk=chunk)
     out = {
         "loss_sum": loss_sum,
         "correct_sum": correct_sum,
         "count": jnp.sum(batch["loss_mask"].astype(jnp.float32)),
     }
     out = out if axis_name is None else jax.lax.psum(out, axis_name)
-    if getattr(getattr(model, "cfg", None), "task", ""):
-        # Per-row predictions (not sums) for F1, MCC and correlations, each row's own.
-        out["predictions"] = predictions(model, params, batch)
+    if rows is not None:
+        out["predictions"] = rows  # each row's own, not summed
     return out
